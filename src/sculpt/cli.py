@@ -1,0 +1,130 @@
+"""The `sculpt` command line: parses, validates, and calls the library of the same names."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sculpt.config import SpecError
+
+
+def cmd_erase(args) -> int:
+    from sculpt.config import load_spec
+    from sculpt.erase import erase
+
+    cfg = load_spec(args.spec)
+    if args.output:
+        cfg.output = args.output
+    result = erase(cfg, progress=not args.quiet)
+    print(f"patch: {result.patch_path} ({len(result.patch.tensors)} tensors, "
+          f"{result.patch.nbytes() / 1e6:.2f} MB); forgot {', '.join(result.patch.concepts)}")
+    return 0
+
+
+def _load(model: str, patches: list[str], force: bool, device: str):
+    from sculpt.models.loading import load_pipeline, resolve_device
+    from sculpt.patch import apply_patches
+
+    pipe = load_pipeline(model, device=resolve_device(device))
+    apply_patches(pipe, patches, force=force)
+    return pipe
+
+
+def cmd_apply(args) -> int:
+    pipe = _load(args.model, args.patches, args.force, args.device)
+    pipe.save_pretrained(args.save)
+    print(f"saved {args.model} + {len(args.patches)} patch(es) to {args.save}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from sculpt.report.images import image_grid, to_pil
+
+    pipe = _load(args.model, args.patch, args.force, args.device)
+    rows = []
+    for prompt in args.prompt:
+        images = pipe(
+            [prompt] * args.n, num_inference_steps=args.steps, guidance_scale=args.guidance,
+            generator=torch.Generator(pipe.device).manual_seed(args.seed), output_type="pt",
+        ).images
+        rows.append(to_pil(images))
+    image_grid(rows, row_labels=args.prompt).save(args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from sculpt.emoji.demo import run_demo
+
+    run_demo(all_targets=args.all, output=Path(args.output), quick=args.quick)
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from sculpt.methods import available_methods, get_method
+
+    for name in available_methods():
+        cls = get_method(name)
+        print(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sculpt", description="Make a text-to-image diffusion model forget concepts.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("erase", help="forget the concepts of a YAML spec; writes a patch")
+    e.add_argument("spec")
+    e.add_argument("--output", help="output folder (default: the spec's, or runs/<spec name>)")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(func=cmd_erase)
+
+    a = sub.add_parser("apply", help="load a model, stack patches in order, save the result")
+    a.add_argument("--model", required=True, help="'emoji', a diffusers folder, a Hub id or a .safetensors file")
+    a.add_argument("patches", nargs="+")
+    a.add_argument("--save", required=True, help="folder for the patched pipeline")
+    a.add_argument("--force", action="store_true", help="apply even if a patch was made on another model")
+    a.add_argument("--device", default="auto")
+    a.set_defaults(func=cmd_apply)
+
+    g = sub.add_parser("generate", help="sample images from a model (+ patches) into a grid PNG")
+    g.add_argument("--model", required=True)
+    g.add_argument("--patch", action="append", default=[])
+    g.add_argument("--prompt", action="append", required=True)
+    g.add_argument("-n", type=int, default=4, help="images per prompt")
+    g.add_argument("--steps", type=int, default=25)
+    g.add_argument("--guidance", type=float, default=7.5)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", default="samples.png")
+    g.add_argument("--force", action="store_true")
+    g.add_argument("--device", default="auto")
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="erase emoji concepts on the bundled model, evaluate, draw a grid")
+    d.add_argument("--all", action="store_true", help="all ten targets instead of a few")
+    d.add_argument("--quick", action="store_true", help="smaller samples (a smoke run)")
+    d.add_argument("--output", default="runs/demo")
+    d.set_defaults(func=cmd_demo)
+
+    m = sub.add_parser("methods", help="list the erasure methods")
+    m.set_defaults(func=cmd_methods)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from sculpt.models.loading import ModelLoadError
+    from sculpt.patch import PatchError
+
+    try:
+        return args.func(args)
+    except (SpecError, ModelLoadError, PatchError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

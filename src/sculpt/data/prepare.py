@@ -1,0 +1,156 @@
+"""Self-generated training data, made once and cached on disk.
+
+For each concept the model itself draws N images of the concept ("a photo of a tench") and N of
+its superclass ("a photo of a fish", with the concept as negative prompt so the anchors do not
+show it). Images are encoded to latents once and stored with the prompt embeddings, so the
+training loop never runs the VAE or the text encoder.
+
+Cache layout: <cache_dir>/<key>/data.safetensors and images/*.png, where key hashes everything
+the data depends on (model weights, prompts, seeds, sampler settings).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sculpt.config import Concept, DataConfig
+from sculpt.io import atomic_write
+
+
+@dataclass
+class ConceptData:
+    """Everything a method needs about one concept, already on the training device's side."""
+
+    concept: Concept
+    latents: torch.Tensor  # [N, C, h, w] images of the concept, scaled VAE latents
+    anchor_latents: torch.Tensor  # [N, C, h, w] images of the superclass
+    prompt_embeds: torch.Tensor  # [P, L, D] the concept's prompts (and synonyms)
+    anchor_embeds: torch.Tensor  # [1, L, D] the superclass prompt
+    key: str  # cache key: identifies this data for audit and resume
+    image_dir: Path
+
+    @property
+    def name(self) -> str:
+        return self.concept.name
+
+
+def stable_seed(seed: int, text: str) -> int:
+    """A seed per concept that does not depend on the concept's place in the list."""
+    return int(hashlib.sha256(f"{seed}:{text}".encode()).hexdigest()[:8], 16)
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
+    """Text embeddings exactly as the pipeline computes them at generation time."""
+    embeds, _ = pipe.encode_prompt(prompts, pipe.device, 1, False)
+    return embeds.float().cpu()
+
+
+def image_size(pipe, cfg: DataConfig) -> int:
+    return cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+def check_image_size(pipe, size: int) -> None:
+    multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    if size <= 0 or size % multiple:
+        raise ValueError(f"image size {size} is not a positive multiple of {multiple}, which this model needs")
+
+
+@torch.no_grad()
+def generate_latents(
+    pipe,
+    prompts: list[str],
+    negative: str | None,
+    cfg: DataConfig,
+    seed: int,
+    image_dir: Path,
+    tag: str,
+) -> torch.Tensor:
+    """Draw cfg.n_images images (prompts used in turn), save them as PNG, return their latents."""
+    from PIL import Image
+
+    size = image_size(pipe, cfg)
+    check_image_size(pipe, size)
+    image_dir.mkdir(parents=True, exist_ok=True)
+    vae = pipe.vae
+    latents = []
+    for start in range(0, cfg.n_images, cfg.batch_size):
+        n = min(cfg.batch_size, cfg.n_images - start)
+        batch_prompts = [prompts[(start + j) % len(prompts)] for j in range(n)]
+        generator = torch.Generator(pipe.device).manual_seed(seed + start)
+        images = pipe(
+            batch_prompts,
+            negative_prompt=[negative] * n if negative else None,
+            num_inference_steps=cfg.num_inference_steps,
+            guidance_scale=cfg.guidance_scale,
+            height=size,
+            width=size,
+            generator=generator,
+            output_type="pt",
+        ).images  # [n, 3, H, W] in [0, 1]
+        for j, img in enumerate(images):
+            array = (img.permute(1, 2, 0).float().cpu().numpy() * 255).round().astype("uint8")
+            Image.fromarray(array).save(image_dir / f"{tag}_{start + j:04d}.png")
+        x = images.to(vae.device, vae.dtype) * 2 - 1
+        # The mean of q(z|x): deterministic, and what the paper's "encode once" amounts to.
+        z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+        latents.append(z.float().cpu())
+    return torch.cat(latents)
+
+
+def data_key(model_hash: str, concept: Concept, cfg: DataConfig, seed: int, size: int) -> str:
+    spec = {
+        "model": model_hash,
+        "prompts": concept.concept_prompts(cfg.prompt_template),
+        "anchor": concept.superclass_prompt(cfg.prompt_template),
+        "negative": concept.superclass_negative(),
+        "n": cfg.n_images,
+        "steps": cfg.num_inference_steps,
+        "guidance": cfg.guidance_scale,
+        "size": size,
+        "seed": seed,
+        "batch": cfg.batch_size,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def prepare_concept_data(
+    pipe, concept: Concept, cfg: DataConfig, seed: int, cache_dir: Path, model_hash: str
+) -> ConceptData:
+    """Load the concept's data from the cache, or make it (generate, encode, save) once."""
+    size = image_size(pipe, cfg)
+    key = data_key(model_hash, concept, cfg, seed, size)
+    folder = Path(cache_dir) / key
+    file = folder / "data.safetensors"
+    if file.is_file():
+        t = load_file(str(file))
+    else:
+        prompts = concept.concept_prompts(cfg.prompt_template)
+        anchor = concept.superclass_prompt(cfg.prompt_template)
+        concept_seed = stable_seed(seed, concept.name)
+        t = {
+            "latents": generate_latents(pipe, prompts, None, cfg, concept_seed, folder / "images", "concept"),
+            "anchor_latents": generate_latents(
+                pipe, [anchor], concept.superclass_negative(), cfg, concept_seed + 1_000_003,
+                folder / "images", "anchor",
+            ),
+            "prompt_embeds": encode_prompts(pipe, prompts),
+            "anchor_embeds": encode_prompts(pipe, [anchor]),
+        }
+        meta = {"concept": concept.model_dump_json(), "key": key, "model_hash": model_hash}
+        atomic_write(file, lambda tmp: save_file({k: v.contiguous() for k, v in t.items()}, tmp, metadata=meta))
+    return ConceptData(
+        concept=concept,
+        latents=t["latents"],
+        anchor_latents=t["anchor_latents"],
+        prompt_embeds=t["prompt_embeds"],
+        anchor_embeds=t["anchor_embeds"],
+        key=key,
+        image_dir=folder / "images",
+    )

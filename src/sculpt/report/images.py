@@ -1,0 +1,35 @@
+"""Picture helpers: tensors to PIL, labelled grids (prompt rows x model columns)."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image, ImageDraw
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] in [0, 1] -> PIL images."""
+    arr = (images.clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype("uint8")
+    return [Image.fromarray(a) for a in arr]
+
+
+def image_grid(
+    rows: list[list[Image.Image]],
+    row_labels: list[str] | None = None,
+    col_labels: list[str] | None = None,
+    cell: int = 96,
+    label_width: int = 180,
+) -> Image.Image:
+    """A grid of equally sized cells, with optional labels on the left and on top."""
+    n_rows, n_cols = len(rows), max(len(r) for r in rows)
+    left = label_width if row_labels else 0
+    top = 20 if col_labels else 0
+    grid = Image.new("RGB", (left + n_cols * cell, top + n_rows * cell), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, label in enumerate(col_labels or []):
+        draw.text((left + j * cell + 4, 4), label[: cell // 6], fill="black")
+    for i, row in enumerate(rows):
+        if row_labels:
+            draw.text((4, top + i * cell + cell // 2 - 6), row_labels[i][: label_width // 6], fill="black")
+        for j, img in enumerate(row):
+            grid.paste(img.convert("RGB").resize((cell, cell), Image.NEAREST), (left + j * cell, top + i * cell))
+    return grid

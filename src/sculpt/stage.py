@@ -1,0 +1,162 @@
+"""What a method sees during one stage: the model, the stage's data, and the shared denoising
+plumbing (noise, timesteps, predictions, optimiser set-up with accelerate, logging).
+
+Every gradient method is a short loop over these helpers, so the loss of each method reads like
+its equation.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sculpt.data.prepare import ConceptData
+
+
+class LossDivergedError(RuntimeError):
+    """A loss term became NaN or infinite; the stage stops and the last good state is kept."""
+
+
+@dataclass
+class StageContext:
+    pipe: Any  # the diffusers pipeline being edited (pipe.unet is changed in place)
+    accelerator: Any
+    index: int  # 0-based stage number
+    concepts: list[ConceptData]  # forgotten in this stage
+    previous: list[ConceptData]  # forgotten in earlier stages (must stay forgotten)
+    seed: int
+    log_file: Path | None = None
+    on_step: Callable[[dict[str, Any]], None] | None = None
+    empty_embeds: torch.Tensor | None = None  # [1, L, D], the "" prompt
+    generator: torch.Generator = field(init=False)
+
+    def __post_init__(self):
+        self.generator = torch.Generator().manual_seed(self.seed + 7919 * self.accelerator.process_index)
+        from diffusers import DDPMScheduler
+
+        # Training noise schedule = the model's own (same betas, same prediction type).
+        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+
+    # -- data ------------------------------------------------------------------------------------
+
+    @property
+    def unet(self) -> nn.Module:
+        return self.pipe.unet
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def _randint(self, high: int, n: int) -> torch.Tensor:
+        return torch.randint(0, high, (n,), generator=self.generator)
+
+    def concept_batch(self, n: int, data: list[ConceptData] | None = None):
+        """n concept latents x_c with their concept prompt c and superclass prompt s (item-wise)."""
+        data = data if data is not None else self.concepts
+        which = self._randint(len(data), n)
+        xs, cs, ss = [], [], []
+        for k in which.tolist():
+            d = data[k]
+            xs.append(d.latents[self._randint(len(d.latents), 1)])
+            cs.append(d.prompt_embeds[self._randint(len(d.prompt_embeds), 1)])
+            ss.append(d.anchor_embeds)
+        return self._to(torch.cat(xs)), self._to(torch.cat(cs)), self._to(torch.cat(ss))
+
+    def anchor_batch(self, n: int, data: list[ConceptData] | None = None):
+        """n superclass latents x_s with their superclass prompt s."""
+        data = data if data is not None else self.concepts
+        which = self._randint(len(data), n)
+        xs, ss = [], []
+        for k in which.tolist():
+            d = data[k]
+            xs.append(d.anchor_latents[self._randint(len(d.anchor_latents), 1)])
+            ss.append(d.anchor_embeds)
+        return self._to(torch.cat(xs)), self._to(torch.cat(ss))
+
+    def _to(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device)
+
+    # -- diffusion -------------------------------------------------------------------------------
+
+    def timesteps(self, n: int, shared: bool = True) -> torch.Tensor:
+        T = self.noise_scheduler.config.num_train_timesteps
+        t = self._randint(T, 1).expand(n) if shared else self._randint(T, n)
+        return t.to(self.device)
+
+    def noise_like(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.randn(x.shape, generator=self.generator).to(x.device, x.dtype)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
+        return self.noise_scheduler.add_noise(x0, noise, t)
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the network predicts: eps (SD 1.x, 2-base) or v (SD 2.x 768)."""
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            return self.noise_scheduler.get_velocity(x0, noise, t)
+        return noise
+
+    def predict(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """eps_theta(x_t, t; emb)."""
+        with self.accelerator.autocast():
+            return model(x_t, t, encoder_hidden_states=emb).sample.float()
+
+    @torch.no_grad()
+    def predict_with(self, weights: dict[str, torch.Tensor], x_t, t, emb) -> torch.Tensor:
+        """The same UNet with some tensors swapped (e.g. a frozen teacher's cross-attention), without
+        keeping a second copy of the whole model in memory."""
+        unet = self.accelerator.unwrap_model(self.unet)
+        with self.accelerator.autocast():
+            out = torch.func.functional_call(unet, weights, (x_t, t), {"encoder_hidden_states": emb})
+        return out.sample.float()
+
+    # -- optimisation ----------------------------------------------------------------------------
+
+    def prepare_training(self, params: dict[str, nn.Parameter], lr: float, total_steps: int,
+                         schedule: str = "onecycle", gradient_checkpointing: bool = False):
+        """Only `params` get gradients; Adam (no weight decay) + the LR schedule, through accelerate
+        so the same loop runs on CPU, one GPU or several (`accelerate launch`)."""
+        unet = self.unet
+        unet.requires_grad_(False)
+        for p in params.values():
+            p.requires_grad_(True)
+        if gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        optimizer = torch.optim.Adam(list(params.values()), lr=lr, weight_decay=0.0)
+        if schedule == "onecycle":
+            sched = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=lr, total_steps=max(total_steps, 1), anneal_strategy="cos"
+            )
+        else:
+            sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        model, optimizer, sched = self.accelerator.prepare(unet, optimizer, sched)
+        return model, optimizer, sched
+
+    def finish_training(self) -> None:
+        self.unet.requires_grad_(False)
+        self.unet.eval()
+
+    def log(self, record: dict[str, Any]) -> None:
+        record = {"stage": self.index, **record}
+        if self.log_file is not None and self.accelerator.is_main_process:
+            with open(self.log_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.on_step is not None:
+            self.on_step(record)
+
+
+def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(a.float(), b.float())
+
+
+def check_finite(**terms: torch.Tensor) -> None:
+    for name, value in terms.items():
+        if not torch.isfinite(value).all():
+            raise LossDivergedError(f"loss term {name} is {value.item()}; stopping the stage")
