@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from sculpt.erase import RunError
     from sculpt.models.loading import ModelLoadError
     from sculpt.patch import PatchError
 
@@ -124,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, ModelLoadError, PatchError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 130 if isinstance(exc.__cause__, (KeyboardInterrupt,)) or "interrupted" in str(exc) else 1
 
 
 if __name__ == "__main__":

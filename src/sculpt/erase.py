@@ -7,32 +7,48 @@ Output folder:
     metrics.jsonl          one line per optimisation step (loss terms, mask density, turnover)
     stages/NN-<concept>.safetensors   cumulative patch after stage NN
     patch.safetensors      the final patch (== the last stage's)
+    checkpoint.safetensors the state after the last completed stage (resume point)
+    ledger.jsonl           hash-chained audit record (see ledger.py)
     summary.json           per-stage summary: timings, best epoch, hashes
+
+Running `erase` again on the same output folder resumes after the last completed stage and
+reaches the same weights as an uninterrupted run (bit-identical on CPU): each stage depends only
+on the weights and method state it starts from, its data (cached) and its own seed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
+import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
+from sculpt import ledger
 from sculpt.config import RunConfig
 from sculpt.data.prepare import ConceptData, encode_prompts, prepare_concept_data
-from sculpt.io import atomic_write_text
+from sculpt.io import atomic_write, atomic_write_text
 from sculpt.methods import get_method
 from sculpt.models.loading import load_pipeline, model_hash, resolve_device
 from sculpt.patch import Patch, apply_patches, make_patch, save_patch, versions
-from sculpt.stage import StageContext
+from sculpt.stage import LossDivergedError, StageContext, StopRequested
 
 log = logging.getLogger("sculpt")
+CHECKPOINT_FORMAT = "sculpt-checkpoint/1"
+
+
+class RunError(RuntimeError):
+    """The run cannot start or go on (locked folder, different spec in the folder, failed stage)."""
 
 
 @dataclass
@@ -52,6 +68,12 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("SCULPT_CACHE", Path.home() / ".cache" / "sculpt"))
 
 
+def config_hash(cfg: RunConfig) -> str:
+    """Identity of a run's spec (everything but where it is written)."""
+    body = cfg.model_dump(mode="json", exclude={"output"})
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def make_accelerator(cfg: RunConfig):
     from accelerate import Accelerator
 
@@ -59,29 +81,109 @@ def make_accelerator(cfg: RunConfig):
     return Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=device.type == "cpu")
 
 
-def _file_logger(path: Path) -> logging.Handler:
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    return handler
+# -- one run per folder ----------------------------------------------------------------------------
+
+
+@contextmanager
+def run_lock(out: Path):
+    """Refuse a second `erase` on the same folder while one runs (a stale lock of a dead pid is taken over)."""
+    lock = out / ".lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                raise RunError(f"{out} is in use by another sculpt erase (pid {pid}); wait for it or use another output")
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def graceful_interrupt(state: dict):
+    """Ctrl-C sets a flag: the method finishes its current step, then stops at the step boundary."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if state.get("stop"):
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        state["stop"] = True
+        log.warning("interrupt: finishing the current step, then stopping")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+
+
+def save_checkpoint(out: Path, tensors: dict[str, torch.Tensor], method_state: dict[str, torch.Tensor],
+                    meta: dict[str, Any]) -> Path:
+    path = out / "checkpoint.safetensors"
+    t = {**{f"unet.{k.removeprefix('unet.')}": v for k, v in tensors.items()},
+         **{f"method.{k}": v.contiguous() for k, v in method_state.items()}}
+    atomic_write(path, lambda tmp: save_file(t, tmp, metadata={
+        "sculpt": json.dumps({"format": CHECKPOINT_FORMAT, **meta}, default=str)}))
+    return path
+
+
+def load_checkpoint(out: Path) -> tuple[dict, dict, dict] | None:
+    path = out / "checkpoint.safetensors"
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["sculpt"])
+        t = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint gets the same clear message
+        raise RunError(f"{path}: unreadable checkpoint ({exc}); move it away to start the run afresh") from None
+    model = {k: v for k, v in t.items() if k.startswith("unet.")}
+    method = {k.removeprefix("method."): v for k, v in t.items() if k.startswith("method.")}
+    return model, method, meta
+
+
+# -- the loop --------------------------------------------------------------------------------------
 
 
 def erase(cfg: RunConfig, pipe=None, progress: bool = True) -> EraseResult:
-    """Run the spec: forget cfg.concepts stage by stage with cfg.method; return the final patch."""
+    """Run the spec: forget cfg.concepts stage by stage with cfg.method; return the final patch.
+
+    Resumes a run already in cfg.output; refuses a folder that holds a different spec."""
     out = Path(cfg.output or "runs/erase")
-    (out / "stages").mkdir(parents=True, exist_ok=True)
-    handler = _file_logger(out / "erase.log")
-    try:
-        return _erase(cfg, out, pipe, progress)
-    finally:
-        log.removeHandler(handler)
-        handler.close()
-
-
-def _erase(cfg: RunConfig, out: Path, pipe, progress: bool) -> EraseResult:
+    existing = load_checkpoint(out) if out.is_dir() else None
+    if existing and existing[2].get("config_hash") != config_hash(cfg):
+        raise RunError(f"{out} holds a run of a different spec; choose another output folder")
     accelerator = make_accelerator(cfg)
-    torch.manual_seed(cfg.seed)
+    # Load (and check) everything before the output folder is touched: a bad model or patch
+    # leaves nothing behind.
     if pipe is None:
         pipe = load_pipeline(cfg.model, device=accelerator.device)
     else:
@@ -89,14 +191,45 @@ def _erase(cfg: RunConfig, out: Path, pipe, progress: bool) -> EraseResult:
     pipe.set_progress_bar_config(disable=True)
     if cfg.patches:
         apply_patches(pipe, cfg.patches)
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    metrics_file = out / "metrics.jsonl"
-    metrics_file.write_text("")
+    (out / "stages").mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out / "erase.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        with run_lock(out):
+            return _erase(cfg, out, pipe, accelerator, existing, progress)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
 
+
+def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, progress: bool) -> EraseResult:
+    torch.manual_seed(cfg.seed)
     base_hash = model_hash(pipe)
     method = get_method(cfg.method_name)(cfg.method_config())
     trainable = method.trainable_parameters(pipe.unet)
     base = {n: p.detach().to("cpu").clone() for n, p in trainable.items()}
+    stages = cfg.stages()
+    done_stages, summaries = 0, []
+    if existing:
+        model_t, method_t, meta = existing
+        if meta["base_hash"] != base_hash:
+            raise RunError(f"{out}: its checkpoint was made on another model (hash {meta['base_hash'][:16]}..., "
+                           f"model {base_hash[:16]}...)")
+        with torch.no_grad():
+            params = dict(pipe.unet.named_parameters())
+            for k, v in model_t.items():
+                params[k.removeprefix("unet.")].copy_(v)
+        method.load_state_dict(method_t)
+        done_stages, summaries = meta["completed_stages"], meta["summaries"]
+        _drop_metrics_after(out / "metrics.jsonl", done_stages)  # steps of the stage that did not finish
+        log.info("resuming %s after stage %d of %d", out, done_stages, len(stages))
+    else:
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        (out / "metrics.jsonl").write_text("")
+        ledger.append(out / "ledger.jsonl", "run", base_model=cfg.model, base_hash=base_hash,
+                      config=cfg.model_dump(mode="json"), config_hash=config_hash(cfg), versions=versions())
     log.info("model %s (hash %s), method %s, %d concepts, mode %s",
              cfg.model, base_hash[:16], method.name, len(cfg.concepts), cfg.mode)
 
@@ -110,42 +243,86 @@ def _erase(cfg: RunConfig, out: Path, pipe, progress: bool) -> EraseResult:
     empty = encode_prompts(pipe, [""])
     log.info("data ready in %.1fs (cache %s)", time.perf_counter() - t0, cache)
 
-    summaries, done, patch, patch_path = [], [], None, out / "patch.safetensors"
-    for i, concepts in enumerate(cfg.stages()):
-        names = [c.name for c in concepts]
+    done = [c.name for stage in stages[:done_stages] for c in stage]
+    patch = make_patch(pipe.unet, base, {})
+    stop = {"stop": False}
+    for i in range(done_stages, len(stages)):
+        names = [c.name for c in stages[i]]
         bar = _progress_bar(progress and accelerator.is_main_process, i, names, method)
         ctx = StageContext(
             pipe=pipe, accelerator=accelerator, index=i,
             concepts=[data[n] for n in names], previous=[data[n] for n in done],
-            seed=cfg.seed + 1000 * i, log_file=metrics_file, empty_embeds=empty,
-            on_step=bar.update_record if bar else None,
+            seed=cfg.seed + 1000 * i, log_file=out / "metrics.jsonl", empty_embeds=empty,
+            on_step=bar.update_record if bar else None, stop_flag=stop,
         )
+        start = {n: p.detach().clone() for n, p in trainable.items()}  # the last good state
         t_stage = time.perf_counter()
-        summary = method.fit_stage(ctx)
+        try:
+            with graceful_interrupt(stop):
+                summary = method.fit_stage(ctx)
+        except (LossDivergedError, StopRequested, KeyboardInterrupt) as exc:
+            with torch.no_grad():
+                for n, p in trainable.items():
+                    p.copy_(start[n])
+            ctx.finish_training()
+            if bar:
+                bar.close()
+            what = "interrupted" if not isinstance(exc, LossDivergedError) else f"stopped: {exc}"
+            ledger.append(out / "ledger.jsonl", "stage_stopped", stage=i + 1, concepts=names, reason=what)
+            raise RunError(f"stage {i + 1} ({', '.join(names)}) {what}; the model is kept as after stage {i} "
+                           f"({out / 'checkpoint.safetensors' if i else 'the base model'}); "
+                           "run the same command again to resume") from exc
         seconds = time.perf_counter() - t_stage
         if bar:
             bar.close()
         done += names
+        result_hash = model_hash(pipe)
         patch = make_patch(pipe.unet, base, {
-            "base_model": cfg.model, "base_hash": base_hash, "result_hash": model_hash(pipe),
+            "base_model": cfg.model, "base_hash": base_hash, "result_hash": result_hash,
             "method": method.name, "method_config": method.config.model_dump(mode="json"),
             "concepts": done, "superclasses": {c.name: c.superclass for c in cfg.concepts if c.name in done},
             "mode": cfg.mode, "seed": cfg.seed, "data": cfg.data.model_dump(mode="json"),
             "data_keys": {n: data[n].key for n in done}, "stage": i + 1, "versions": versions(),
         })
         stage_path = out / "stages" / f"{i + 1:02d}-{slug('+'.join(names))}.safetensors"
+        summaries.append({"stage": i + 1, "concepts": names, "seconds": round(seconds, 3),
+                          "patch": str(stage_path.relative_to(out)), **summary})
         if accelerator.is_main_process:
             save_patch(patch, stage_path)
-        summaries.append({"stage": i + 1, "concepts": names, "seconds": round(seconds, 3),
-                          "patch": str(stage_path), **summary})
+            ckpt = save_checkpoint(out, patch.tensors, method.state_dict(), {
+                "completed_stages": i + 1, "config_hash": config_hash(cfg), "base_hash": base_hash,
+                "result_hash": result_hash, "summaries": summaries})
+            ledger.append(
+                out / "ledger.jsonl", "stage", stage=i + 1, concepts=names,
+                superclasses={c.name: c.superclass for c in stages[i]}, method=method.name,
+                base_hash=base_hash, result_hash=result_hash, data_keys={n: data[n].key for n in names},
+                seconds=round(seconds, 3), summary=summary, versions=versions(),
+                files={str(stage_path.relative_to(out)): ledger.file_sha256(stage_path),
+                       ckpt.name: ledger.file_sha256(ckpt)},
+            )
         log.info("stage %d %s done in %.1fs: %s", i + 1, names, seconds, summary)
 
-    if accelerator.is_main_process:
+    patch_path = out / "patch.safetensors"
+    if accelerator.is_main_process and done_stages < len(stages):
         save_patch(patch, patch_path)
+        ledger.append(out / "ledger.jsonl", "final", concepts=done, base_hash=base_hash,
+                      result_hash=patch.metadata.get("result_hash"),
+                      files={patch_path.name: ledger.file_sha256(patch_path)})
         atomic_write_text(out / "summary.json", json.dumps(
             {"base_model": cfg.model, "base_hash": base_hash, "method": method.name,
-             "stages": summaries, "patch": str(patch_path), "patch_bytes": patch.nbytes()}, indent=2))
+             "stages": summaries, "patch": patch_path.name, "patch_bytes": patch.nbytes()}, indent=2))
+    if done_stages == len(stages):
+        from sculpt.patch import load_patch
+
+        patch = load_patch(patch_path)
+        log.info("%s: the run was already complete", out)
     return EraseResult(out, patch_path, patch, summaries, pipe)
+
+
+def _drop_metrics_after(path: Path, completed: int) -> None:
+    if path.is_file():
+        keep = [l for l in path.read_text().splitlines() if l and json.loads(l)["stage"] < completed]
+        atomic_write_text(path, "".join(l + "\n" for l in keep))
 
 
 class _Bar:

@@ -23,6 +23,10 @@ class LossDivergedError(RuntimeError):
     """A loss term became NaN or infinite; the stage stops and the last good state is kept."""
 
 
+class StopRequested(Exception):
+    """Ctrl-C was pressed: the stage stops at the end of the current step."""
+
+
 @dataclass
 class StageContext:
     pipe: Any  # the diffusers pipeline being edited (pipe.unet is changed in place)
@@ -34,6 +38,7 @@ class StageContext:
     log_file: Path | None = None
     on_step: Callable[[dict[str, Any]], None] | None = None
     empty_embeds: torch.Tensor | None = None  # [1, L, D], the "" prompt
+    stop_flag: dict | None = None  # set to {"stop": True} by the Ctrl-C handler
     generator: torch.Generator = field(init=False)
 
     def __post_init__(self):
@@ -144,12 +149,16 @@ class StageContext:
         self.unet.eval()
 
     def log(self, record: dict[str, Any]) -> None:
+        """Called once at the end of every optimisation step: records the step's metrics, and stops
+        the stage here (a clean step boundary) if Ctrl-C was pressed."""
         record = {"stage": self.index, **record}
         if self.log_file is not None and self.accelerator.is_main_process:
             with open(self.log_file, "a") as f:
                 f.write(json.dumps(record) + "\n")
         if self.on_step is not None:
             self.on_step(record)
+        if self.stop_flag and self.stop_flag.get("stop"):
+            raise StopRequested("interrupted by the user")
 
 
 def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
