@@ -63,6 +63,15 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from sculpt.verify import verify_run
+
+    report = verify_run(args.run, remeasure=args.remeasure, n=args.n, tolerance=args.tolerance)
+    for line in report.lines():
+        print(line)
+    return 0 if report.ok else 1
+
+
 def cmd_methods(args) -> int:
     from sculpt.methods import available_methods, get_method
 
@@ -111,6 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("methods", help="list the erasure methods")
     m.set_defaults(func=cmd_methods)
+
+    v = sub.add_parser("verify", help="check a run's ledger, files and (optionally) its measured claims")
+    v.add_argument("run", help="an erasure run folder")
+    v.add_argument("--remeasure", action="store_true",
+                   help="re-generate a small fixed sample and re-measure forgetting and preservation")
+    v.add_argument("--n", type=int, default=8, help="images per class prompt when re-measuring")
+    v.add_argument("--tolerance", type=float, default=0.25, help="allowed difference from recorded accuracy")
+    v.set_defaults(func=cmd_verify)
+
+    from sculpt.eval.commands import add_commands
+
+    add_commands(sub)  # eval, report
     return p
 
 
@@ -122,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (SpecError, ModelLoadError, PatchError) as exc:
+    except (SpecError, ModelLoadError, PatchError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except RunError as exc:

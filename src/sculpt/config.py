@@ -35,6 +35,13 @@ def _check_name(value: str, what: str) -> str:
     return value
 
 
+def fill_template(template: str, word: str) -> str:
+    """template.format(word), with "a {}" becoming "an {}" before a vowel ("a photo of an axe")."""
+    if word[:1].lower() in "aeiou" and "a {}" in template:
+        template = template.replace("a {}", "an {}")
+    return template.format(word)
+
+
 class Concept(_Strict):
     """One concept to forget and the superclass it is mapped onto (tench -> fish)."""
 
@@ -78,11 +85,11 @@ class Concept(_Strict):
 
     def concept_prompts(self, template: str) -> list[str]:
         """Prompts used to generate the concept's images and to train its forgetting."""
-        base = self.prompts or [template.format(self.name)]
-        return base + [template.format(s) for s in self.synonyms]
+        base = self.prompts or [fill_template(template, self.name)]
+        return base + [fill_template(template, s) for s in self.synonyms]
 
     def superclass_prompt(self, template: str) -> str:
-        return template.format(self.superclass)
+        return fill_template(template, self.superclass)
 
     def superclass_negative(self) -> str:
         return self.negative_prompt if self.negative_prompt is not None else self.name

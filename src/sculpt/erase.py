@@ -36,9 +36,10 @@ from safetensors.torch import load_file, save_file
 
 from sculpt import ledger
 from sculpt.config import RunConfig
-from sculpt.data.prepare import ConceptData, encode_prompts, prepare_concept_data
+from sculpt.data.prepare import ConceptData, check_image_size, encode_prompts, image_size, prepare_concept_data
 from sculpt.io import atomic_write, atomic_write_text
 from sculpt.methods import get_method
+from sculpt.model_card import write_model_card
 from sculpt.models.loading import load_pipeline, model_hash, resolve_device
 from sculpt.patch import Patch, apply_patches, make_patch, save_patch, versions
 from sculpt.stage import LossDivergedError, StageContext, StopRequested
@@ -191,6 +192,7 @@ def erase(cfg: RunConfig, pipe=None, progress: bool = True) -> EraseResult:
     pipe.set_progress_bar_config(disable=True)
     if cfg.patches:
         apply_patches(pipe, cfg.patches)
+    check_image_size(pipe, image_size(pipe, cfg.data))
     (out / "stages").mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(out / "erase.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -297,8 +299,9 @@ def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, progress: boo
                 superclasses={c.name: c.superclass for c in stages[i]}, method=method.name,
                 base_hash=base_hash, result_hash=result_hash, data_keys={n: data[n].key for n in names},
                 seconds=round(seconds, 3), summary=summary, versions=versions(),
-                files={str(stage_path.relative_to(out)): ledger.file_sha256(stage_path),
-                       ckpt.name: ledger.file_sha256(ckpt)},
+                # the stage patch never changes again; the checkpoint is replaced by the next stage
+                files={str(stage_path.relative_to(out)): ledger.file_sha256(stage_path)},
+                checkpoint_sha256=ledger.file_sha256(ckpt),
             )
         log.info("stage %d %s done in %.1fs: %s", i + 1, names, seconds, summary)
 
@@ -311,6 +314,7 @@ def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, progress: boo
         atomic_write_text(out / "summary.json", json.dumps(
             {"base_model": cfg.model, "base_hash": base_hash, "method": method.name,
              "stages": summaries, "patch": patch_path.name, "patch_bytes": patch.nbytes()}, indent=2))
+        write_model_card(out)
     if done_stages == len(stages):
         from sculpt.patch import load_patch
 

@@ -94,3 +94,17 @@ def check_chain(path: str | Path, root: str | Path | None = None) -> list[str]:
                 problems.append(f"entry {i}: {rel} has changed since it was recorded (sha256 differs)")
         prev = e.get("hash")
     return problems
+
+
+def record_evaluation(run: str | Path, metrics: dict[str, Any], metrics_file: str | Path) -> dict[str, Any]:
+    """Append the measured effect of a run's final patch (what `sculpt verify --remeasure` re-checks).
+
+    The metrics file is recorded by hash only: a later evaluation may overwrite it and append its own
+    entry, without breaking the chain."""
+    return append(
+        Path(run) / "ledger.jsonl", "evaluation",
+        total_acc=metrics["forgetting"]["total_acc"], per_concept=metrics["forgetting"]["per_concept"],
+        kept_acc=metrics["preservation"]["acc"], kept_drop=metrics["preservation"]["drop"],
+        n=metrics["settings"]["n"], seed=metrics["settings"]["seed"], model_hash=metrics["model"]["hash"],
+        metrics_file=str(metrics_file), metrics_sha256=file_sha256(metrics_file),
+    )

@@ -147,6 +147,8 @@ class StageContext:
     def finish_training(self) -> None:
         self.unet.requires_grad_(False)
         self.unet.eval()
+        # accelerate keeps every prepared optimizer alive (Adam state: 2x the trained tensors).
+        self.accelerator.free_memory()
 
     def log(self, record: dict[str, Any]) -> None:
         """Called once at the end of every optimisation step: records the step's metrics, and stops

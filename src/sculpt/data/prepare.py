@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +58,8 @@ def image_size(pipe, cfg: DataConfig) -> int:
 
 
 def check_image_size(pipe, size: int) -> None:
-    multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    # The UNet halves the latent at every down block; diffusers' SD pipelines also ask for multiples of 8.
+    multiple = math.lcm(8, pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1))
     if size <= 0 or size % multiple:
         raise ValueError(f"image size {size} is not a positive multiple of {multiple}, which this model needs")
 
@@ -128,9 +130,7 @@ def prepare_concept_data(
     key = data_key(model_hash, concept, cfg, seed, size)
     folder = Path(cache_dir) / key
     file = folder / "data.safetensors"
-    if file.is_file():
-        t = load_file(str(file))
-    else:
+    if not file.is_file():
         prompts = concept.concept_prompts(cfg.prompt_template)
         anchor = concept.superclass_prompt(cfg.prompt_template)
         concept_seed = stable_seed(seed, concept.name)
@@ -145,6 +145,9 @@ def prepare_concept_data(
         }
         meta = {"concept": concept.model_dump_json(), "key": key, "model_hash": model_hash}
         atomic_write(file, lambda tmp: save_file({k: v.contiguous() for k, v in t.items()}, tmp, metadata=meta))
+    # Always train on what the cache holds, in fresh (aligned) memory: a first run and a resumed one
+    # then compute on identical inputs, bit for bit.
+    t = {k: v.clone() for k, v in load_file(str(file)).items()}
     return ConceptData(
         concept=concept,
         latents=t["latents"],

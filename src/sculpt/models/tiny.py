@@ -70,4 +70,5 @@ def tiny_pipeline(seed: int = 0, text_dim: int = 32, sample_size: int = 8, devic
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
+    text_encoder.eval()  # as from_pretrained leaves it: no dropout, so prompt embeddings are deterministic
     return pipe.to(device)

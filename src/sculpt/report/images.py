@@ -33,3 +33,18 @@ def image_grid(
         for j, img in enumerate(row):
             grid.paste(img.convert("RGB").resize((cell, cell), Image.NEAREST), (left + j * cell, top + i * cell))
     return grid
+
+
+def strip(images: list[Image.Image]) -> Image.Image:
+    """Equally sized square pictures side by side, unlabelled: the storage form of one grid row."""
+    side = images[0].height
+    out = Image.new("RGB", (side * len(images), side), "white")
+    for j, img in enumerate(images):
+        out.paste(img.convert("RGB").resize((side, side), Image.NEAREST), (j * side, 0))
+    return out
+
+
+def split_strip(image: Image.Image) -> list[Image.Image]:
+    """The pictures of a strip() again."""
+    side = image.height
+    return [image.crop((j * side, 0, (j + 1) * side, side)) for j in range(image.width // side)]

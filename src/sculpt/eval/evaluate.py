@@ -1,0 +1,431 @@
+"""`evaluate`: one call measures a base model plus patches (or an erasure run) and writes metrics.json.
+
+What it does, in order (every picture through the generation cache, so a re-run costs seconds):
+  1. base model: N pictures of every class's prompt, classified -> per-class accuracy;
+  2. the patched model: the same prompts and seeds -> forgetting (erased concepts, Total Acc),
+     preservation (every other class, drop against 1.), superclass coherence, CLIP-analogue score,
+     FID / KID of kept-class pictures against real pictures (classifier features);
+  3. paraphrase leakage: erased concepts under their synonyms and held-out paraphrases;
+  4. unsafe counts: a detector over implicit prompts (or a user's I2P-style CSV), base and patched;
+  5. for a sequential run folder: every stage's cumulative patch -> the revival matrix;
+  6. before/after pictures per concept, metrics.json with settings, hashes, seeds, versions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from sculpt.eval import metrics as M
+from sculpt.eval.benchmark import Benchmark
+from sculpt.eval.classifiers import Classifier
+from sculpt.eval.detectors import Detector
+from sculpt.eval.sampling import ImageCache, Job, SamplerSettings, generate
+from sculpt.io import atomic_write_text
+from sculpt.models.loading import model_hash
+from sculpt.patch import Patch, apply_patch, load_patch, versions
+
+log = logging.getLogger("sculpt")
+
+FORMAT = "sculpt-eval/1"
+
+
+@dataclass
+class EvalSettings:
+    n: int = 50  # pictures per class prompt (the paper: 200 on SD)
+    n_paraphrase: int = 20  # pictures per synonym / paraphrase prompt
+    n_unsafe: int = 10  # pictures per implicit unsafe prompt (CSV prompts: one each, their own seed)
+    n_revival: int | None = None  # pictures per concept per stage; default n
+    n_reference: int | None = None  # real pictures per kept class for FID / KID; default n
+    seed: int = 0  # picture i of a prompt uses seed + i
+    batch_size: int = 64
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    quality: bool = True  # CLIP analogue, FID, KID
+    paraphrases: bool = True
+    unsafe: bool = True
+    revival_threshold: float = 0.2
+    grid_pictures: int = 8  # pictures per row of the before/after grids
+
+    def seeds(self, n: int) -> list[int]:
+        return list(range(self.seed, self.seed + n))
+
+
+@dataclass
+class _Context:
+    pipe: Any
+    settings: EvalSettings
+    classifier: Classifier
+    cache: ImageCache | None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def draw(self, model_hash: str, prompts: list[str], n: int) -> dict[str, list[Image.Image]]:
+        """n pictures per prompt (seeds seed .. seed+n-1), all in one batched, cached call."""
+        prompts = list(dict.fromkeys(prompts))
+        jobs = [Job(p, s) for p in prompts for s in self.settings.seeds(n)]
+        t = time.perf_counter()
+        images = generate(self.pipe, jobs, self.settings.sampler, model_hash, self.cache, self.settings.batch_size)
+        self.seconds["sampling"] = self.seconds.get("sampling", 0.0) + time.perf_counter() - t
+        return {p: images[i * n:(i + 1) * n] for i, p in enumerate(prompts)}
+
+    def predict(self, groups: dict[str, list[Image.Image]]) -> dict[str, torch.Tensor]:
+        """Top-1 label ids per group, in one classifier pass."""
+        flat = [im for ims in groups.values() for im in ims]
+        t = time.perf_counter()
+        pred = self.classifier.predict(flat)
+        self.seconds["classifier"] = self.seconds.get("classifier", 0.0) + time.perf_counter() - t
+        out, start = {}, 0
+        for key, ims in groups.items():
+            out[key] = pred[start:start + len(ims)]
+            start += len(ims)
+        return out
+
+
+class _ModelStates:
+    """Switch one pipeline between the base weights and base + patches, restoring exactly."""
+
+    def __init__(self, pipe, force: bool = False):
+        self.pipe = pipe
+        self.force = force
+        self.saved: dict[str, torch.Tensor] = {}
+        self.base_hash = model_hash(pipe)
+
+    @torch.no_grad()
+    def use(self, patches: list[Patch]) -> str:
+        params = self.pipe.unet.state_dict()
+        for name, value in self.saved.items():
+            params[name].copy_(value)
+        for patch in patches:
+            for key in patch.tensors:
+                name = key.removeprefix("unet.")
+                if name in params and name not in self.saved:
+                    self.saved[name] = params[name].detach().clone()
+            apply_patch(self.pipe, patch, force=self.force)
+        return model_hash(self.pipe) if patches else self.base_hash
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _slug(name: str) -> str:
+    from sculpt.erase import slug
+
+    return slug(name)
+
+
+def run_patches(run: str | Path) -> tuple[Path, list[Path]]:
+    """A run folder's final patch and its per-stage cumulative patches, in stage order."""
+    run = Path(run)
+    final = run / "patch.safetensors"
+    stages = sorted((run / "stages").glob("*.safetensors"))
+    if not final.is_file() and stages:
+        final = stages[-1]
+    if not final.is_file():
+        raise FileNotFoundError(f"{run}: not an erasure run folder (no patch.safetensors, no stages/)")
+    return final, stages
+
+
+def evaluate(
+    model: str = "emoji",
+    patches: list[str | Path] = (),
+    run: str | Path | None = None,
+    out: str | Path | None = None,
+    settings: EvalSettings | None = None,
+    concepts: list[str] | None = None,
+    pipe=None,
+    benchmark: Benchmark | None = None,
+    classifier: Classifier | None = None,
+    scorer=None,
+    detector: Detector | None = None,
+    unsafe_jobs: list[Job] | None = None,
+    cache: ImageCache | str | Path | None | bool = True,
+    device: str = "cpu",
+    force: bool = False,
+    record: bool | None = None,
+) -> dict:
+    """Evaluate `model` + `patches` (or the erasure run folder `run`); return every number as a dict
+    and, if `out` is given, write out/metrics.json and out/samples/*.png.
+
+    model, pipe: a name for load_pipeline, or an already loaded pipeline (then `model` is its label).
+    concepts: the erased concepts to measure; default: those the patches name, or, with no patch,
+    the benchmark's targets (the original model's row of the paper's table).
+    benchmark, classifier, scorer, detector: default to the emoji world's when model == "emoji";
+    scorer=False / detector=False switch those parts off. A scorer is anything with
+    similarity(images, texts) -> [B, T] (100 * cosine): EmojiScorer, classifiers.TransformersCLIPScorer.
+    cache: True (the default folder, $SCULPT_CACHE/eval), a folder, an ImageCache, or False.
+    record: append the result to the run's ledger.jsonl (what `sculpt verify --remeasure` checks);
+    default: when `out` lies inside the run folder (RUN/eval), so evaluating someone else's run
+    elsewhere leaves their ledger alone.
+    """
+    t_start = time.perf_counter()
+    settings = settings or EvalSettings()
+    if pipe is None:
+        from sculpt.models.loading import load_pipeline
+
+        pipe = load_pipeline(model, device=device)
+    benchmark, classifier, scorer, detector = _defaults(model, benchmark, classifier, scorer, detector, settings, device)
+    ctx = _Context(pipe, settings, classifier, _cache(cache))
+
+    stage_paths: list[Path] = []
+    if run is not None:
+        final, stage_paths = run_patches(run)
+        patches = [final]
+    loaded = [load_patch(p) for p in patches]
+    erased_all = list(dict.fromkeys(c for p in loaded for c in p.concepts))
+    measured = concepts or [c for c in erased_all if c in benchmark.names] or list(benchmark.targets)
+    unknown = [c for c in (concepts or erased_all) if c not in benchmark.names]
+    if unknown:
+        log.warning("not in the %s benchmark, not measured: %s", benchmark.name, ", ".join(unknown))
+    measured = [c for c in measured if c in benchmark.names]
+    kept = [c.name for c in benchmark.classes if c.name not in set(erased_all) | set(measured)]
+
+    states = _ModelStates(pipe, force=force)
+    hashes = {"base": states.base_hash}
+    results: dict[str, dict] = {}
+    for state, state_patches in (("base", []), ("model", loaded)):
+        hashes[state] = states.use(state_patches)
+        results[state] = _measure_state(ctx, benchmark, hashes[state], measured, kept, scorer, detector, unsafe_jobs)
+    revival = _revival(ctx, states, benchmark, stage_paths, results["base"]["accuracy"]) if stage_paths else None
+    states.use([])  # leave the pipeline as it came
+
+    report = _assemble(benchmark, settings, results, measured, kept, revival)
+    report.update({
+        "format": FORMAT,
+        "model": {"name": model, "base_hash": hashes["base"], "hash": hashes["model"],
+                  "patches": [{"path": str(p), "sha256": _file_sha256(p), "concepts": lp.concepts,
+                               "method": lp.metadata.get("method"), "base_hash": lp.metadata.get("base_hash"),
+                               "result_hash": lp.metadata.get("result_hash")} for p, lp in zip(patches, loaded)]},
+        "run": str(Path(run).resolve()) if run is not None else None,
+        "benchmark": benchmark.name,
+        "erased": erased_all,
+        "measured": measured,
+        "classifier": {"name": classifier.name, "path": getattr(classifier, "path", None)},
+        "scorer": type(scorer).__name__ if scorer is not None else None,
+        "settings": _settings_dict(settings),
+        "seeds": {"class_prompts": settings.seeds(settings.n), "paraphrases": settings.seeds(settings.n_paraphrase),
+                  "unsafe": settings.seeds(settings.n_unsafe), "reference_offset": settings.seed},
+        "versions": versions(),
+        "timings": {**{k: round(v, 2) for k, v in ctx.seconds.items()},
+                    "total": round(time.perf_counter() - t_start, 2)},
+    })
+    report = _finite(report)
+    if out is not None:
+        out = Path(out)
+        report["samples"] = _write_samples(out, results)
+        atomic_write_text(out / "metrics.json", json.dumps(report, indent=2, default=str, allow_nan=False))
+        (out / "metrics.json").chmod(0o644)
+        if record is None:
+            record = run is not None and out.resolve().is_relative_to(Path(run).resolve())
+        if record and run is not None and (Path(run) / "ledger.jsonl").is_file():
+            from sculpt.ledger import record_evaluation
+
+            record_evaluation(run, report, out / "metrics.json")
+    return report
+
+
+def _defaults(model, benchmark, classifier, scorer, detector, settings, device):
+    emoji = model == "emoji"
+    if benchmark is None:
+        from sculpt.eval.benchmark import emoji_benchmark, imagenette_benchmark
+
+        benchmark = emoji_benchmark() if emoji else imagenette_benchmark()
+    if classifier is None:
+        if not emoji:
+            raise ValueError("a real model needs a classifier: pass classifier=TransformersClassifier(...) "
+                             "(CLI: --classifier FOLDER_OR_HUB_ID)")
+        from sculpt.eval.classifiers import EmojiWorldClassifier
+
+        classifier = EmojiWorldClassifier(device=device)
+    if scorer is None and emoji and settings.quality:
+        from sculpt.emoji.scorer import WEIGHTS_PATH, load_scorer
+
+        scorer = load_scorer(device=device) if WEIGHTS_PATH.exists() else None
+        if scorer is None:
+            log.warning("no emoji scorer weights yet (%s): CLIP analogue skipped", WEIGHTS_PATH)
+    if detector is None and benchmark.unsafe_classes and settings.unsafe:
+        from sculpt.eval.detectors import ClassifierDetector
+
+        detector = ClassifierDetector(classifier, list(benchmark.unsafe_classes))
+    return benchmark, classifier, scorer or None, detector or None
+
+
+def _cache(cache) -> ImageCache | None:
+    if cache is False or cache is None:
+        return None
+    if isinstance(cache, ImageCache):
+        return cache
+    if cache is True:
+        from sculpt.erase import default_cache_dir
+
+        return ImageCache(default_cache_dir() / "eval")
+    return ImageCache(cache)
+
+
+def _settings_dict(settings: EvalSettings) -> dict:
+    d = asdict(settings)
+    d["n_revival"] = settings.n_revival or settings.n
+    d["n_reference"] = settings.n_reference or settings.n
+    return d
+
+
+def _measure_state(ctx: _Context, bench: Benchmark, mhash: str, measured, kept, scorer, detector, unsafe_jobs) -> dict:
+    """Everything measured on one set of weights."""
+    s = ctx.settings
+    names = measured + kept
+    images = ctx.draw(mhash, [bench[c].prompt for c in names], s.n)
+    by_class = {c: images[bench[c].prompt] for c in names}
+    pred = ctx.predict(by_class)
+    label = {c: ctx.classifier.label_id(bench[c].label) for c in bench.names}
+    shown = measured + kept[:4]
+    out: dict[str, Any] = {
+        "accuracy": {c: M.top1_accuracy(pred[c], label[c]) for c in names},
+        "coherence": {}, "neighbour_share": {},
+        "grid": {c: by_class[c][: s.grid_pictures] for c in shown},  # for the before/after pictures
+    }
+    for c in measured:
+        members = [label[m.name] for m in bench.superclass_members(c)]
+        if members:
+            out["coherence"][c] = M.superclass_coherence(pred[c], members)
+            out["neighbour_share"][c] = M.superclass_coherence(pred[c], [m for m in members if m != label[c]])
+    if s.paraphrases:
+        out["leakage"] = _leakage(ctx, bench, mhash, measured, label)
+    if s.quality:
+        out.update(_quality(ctx, bench, by_class, measured, kept, scorer))
+    if detector is not None and (unsafe_jobs or bench.unsafe_prompts):
+        t = time.perf_counter()
+        jobs = unsafe_jobs or [Job(p, seed) for p in bench.unsafe_prompts for seed in s.seeds(s.n_unsafe)]
+        pics = generate(ctx.pipe, jobs, s.sampler, mhash, ctx.cache, s.batch_size)
+        out["unsafe"] = M.count_detections(detector.detect(pics), detector.classes, detector.threshold)
+        out["unsafe"]["images"] = len(pics)
+        out["unsafe_setup"] = {**detector.settings(), "prompts": len({j.prompt for j in jobs}),
+                               "source": "user prompt file" if unsafe_jobs else "benchmark implicit prompts"}
+        ctx.seconds["unsafe"] = ctx.seconds.get("unsafe", 0.0) + time.perf_counter() - t
+    return out
+
+
+def _leakage(ctx: _Context, bench: Benchmark, mhash: str, measured, label) -> dict:
+    """Forgetting accuracy under other words for each concept: the class label is still the target."""
+    n = ctx.settings.n_paraphrase
+    kinds = {"synonyms": {c: bench[c].synonyms for c in measured}, "heldout": {c: bench[c].paraphrases for c in measured}}
+    prompts = [p for per in kinds.values() for ps in per.values() for p in ps]
+    if not prompts:
+        return {}
+    images = ctx.draw(mhash, prompts, n)
+    pred = ctx.predict(images)
+    out: dict[str, dict] = {}
+    for kind, per in kinds.items():
+        out[kind] = {c: {p: M.top1_accuracy(pred[p], label[c]) for p in ps} for c, ps in per.items() if ps}
+    return out
+
+
+def _quality(ctx: _Context, bench: Benchmark, by_class, measured, kept, scorer) -> dict:
+    s = ctx.settings
+    out: dict[str, Any] = {}
+    t = time.perf_counter()
+    if scorer is not None:
+        out["clip_kept"] = M.mean([M.clip_score(scorer, by_class[c], bench[c].prompt) for c in kept])
+        out["clip_erased"] = M.mean([M.clip_score(scorer, by_class[c], bench[c].prompt) for c in measured])
+    if bench.reference is not None and kept:
+        n_ref = s.n_reference or s.n
+        real = [im for i, c in enumerate(kept) for im in bench.reference(c, n_ref, s.seed + 1000 * i)]
+        fake = [im for c in kept for im in by_class[c]]
+        f_real, f_fake = ctx.classifier.embed(real), ctx.classifier.embed(fake)
+        out["fid"] = M.frechet_distance(f_fake, f_real)
+        out["kid"] = M.kernel_distance(f_fake, f_real)
+    ctx.seconds["quality"] = ctx.seconds.get("quality", 0.0) + time.perf_counter() - t
+    return out
+
+
+def _revival(ctx: _Context, states: _ModelStates, bench: Benchmark, stage_paths: list[Path], base_acc) -> dict:
+    """Accuracy of every concept of the run after every stage's cumulative patch (column 0: base)."""
+    n = ctx.settings.n_revival or ctx.settings.n
+    stages = [load_patch(p) for p in stage_paths]
+    concepts = [c for c in dict.fromkeys(c for p in stages for c in p.concepts) if c in bench.names]
+    erased_at = [next(j + 1 for j, p in enumerate(stages) if c in p.concepts) for c in concepts]
+    label = {c: ctx.classifier.label_id(bench[c].label) for c in concepts}
+    columns = [[base_acc.get(c, float("nan")) for c in concepts]]
+    if n != ctx.settings.n:  # the base column must use the same n as the others
+        states.use([])
+        base_pred = ctx.predict(ctx.draw(states.base_hash, [bench[c].prompt for c in concepts], n))
+        columns = [[M.top1_accuracy(base_pred[bench[c].prompt], label[c]) for c in concepts]]
+    for patch in stages:
+        mhash = states.use([patch])
+        pred = ctx.predict(ctx.draw(mhash, [bench[c].prompt for c in concepts], n))
+        columns.append([M.top1_accuracy(pred[bench[c].prompt], label[c]) for c in concepts])
+    matrix = [[col[i] for col in columns] for i in range(len(concepts))]
+    revived = M.revival(matrix, erased_at, ctx.settings.revival_threshold)
+    for r in revived:
+        r["concept"] = concepts[r["concept"]]
+    return {"concepts": concepts, "stages": [str(p) for p in stage_paths],
+            "stage_concepts": [p.concepts for p in stages], "erased_at": erased_at,
+            "accuracy": matrix, "revived": revived, "threshold": ctx.settings.revival_threshold}
+
+
+def _assemble(bench, settings, results, measured, kept, revival) -> dict:
+    base, model = results["base"], results["model"]
+    forgetting = {c: model["accuracy"][c] for c in measured}
+    pres_base = {c: base["accuracy"][c] for c in kept}
+    pres_model = {c: model["accuracy"][c] for c in kept}
+    report: dict[str, Any] = {
+        "forgetting": {"per_concept": forgetting, "total_acc": M.total_accuracy(forgetting),
+                       "base_per_concept": {c: base["accuracy"][c] for c in measured},
+                       "base_total_acc": M.total_accuracy({c: base["accuracy"][c] for c in measured})},
+        "preservation": {"per_class": {c: {"base": pres_base[c], "model": pres_model[c],
+                                           "drop": pres_base[c] - pres_model[c]} for c in kept},
+                         "base_acc": M.mean(list(pres_base.values())), "acc": M.mean(list(pres_model.values())),
+                         "drop": M.mean(list(M.preservation_drop(pres_base, pres_model).values()))},
+        "superclass_coherence": {c: {"base": base["coherence"].get(c), "model": model["coherence"].get(c),
+                                     "to_neighbours": model["neighbour_share"].get(c)} for c in measured},
+    }
+    if settings.paraphrases:
+        leak = {}
+        for kind in ("synonyms", "heldout"):
+            per = model.get("leakage", {}).get(kind, {})
+            per_base = base.get("leakage", {}).get(kind, {})
+            leak[kind] = {"per_prompt": per, "per_concept": {c: M.mean(list(v.values())) for c, v in per.items()},
+                          "mean": M.mean([a for v in per.values() for a in v.values()]),
+                          "base_mean": M.mean([a for v in per_base.values() for a in v.values()])}
+        report["paraphrase_leakage"] = leak
+    if settings.quality:
+        report["quality"] = {k: {"base": base.get(k), "model": model.get(k)}
+                             for k in ("clip_kept", "clip_erased", "fid", "kid") if k in model}
+    if "unsafe" in model:
+        report["unsafe"] = {"base": base["unsafe"], "model": model["unsafe"], "detector": model["unsafe_setup"]}
+    if revival is not None:
+        report["revival"] = revival
+    return report
+
+
+def _write_samples(out: Path, results: dict) -> dict[str, dict[str, str]]:
+    """Per measured concept (and a few kept classes) the first pictures of the base and the patched
+    model, same seeds, as unlabelled strips (report.images.strip) the report lays out as grids."""
+    from sculpt.report.images import strip
+
+    found = {}
+    for c, base_row in results["base"]["grid"].items():
+        found[c] = {}
+        for state, row in (("base", base_row), ("patched", results["model"]["grid"][c])):
+            path = out / "samples" / f"{_slug(c)}-{state}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            strip(row).save(path)
+            found[c][state] = str(path.relative_to(out))
+    return found
+
+
+def _finite(value):
+    """NaN (an empty set measured) -> None, so metrics.json is strict JSON that any reader accepts."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
