@@ -135,3 +135,14 @@ def test_same_seed_same_patch(tmp_path):
     b = erase(tiny_spec(tmp_path / "b"), pipe=tiny_pipeline(), progress=False).patch
     assert a.tensors.keys() == b.tensors.keys()
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+
+
+def test_bf16_autocast_and_gradient_checkpointing_run(tmp_path, tiny_pipe):
+    from sculpt.config import TrainConfig
+
+    cfg = tiny_spec(tmp_path, concepts=[{"name": "cat", "superclass": "animal"}])
+    cfg.train = TrainConfig(mixed_precision="bf16", gradient_checkpointing=True)
+    before = _state(tiny_pipe)
+    result = erase(cfg, pipe=tiny_pipe, progress=False)
+    assert result.patch.tensors and all(".attn2." in k for k in result.patch.tensors)
+    assert all(t.dtype == before[k.removeprefix("unet.")].dtype for k, t in result.patch.tensors.items())

@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sculpt.eval.commands import add_commands
 
     add_commands(sub)  # eval, report
+    from sculpt.bench_cli import add_commands as add_bench
+
+    add_bench(sub)  # bench
     return p
 
 

@@ -77,8 +77,16 @@ def config_hash(cfg: RunConfig) -> str:
 
 def make_accelerator(cfg: RunConfig):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
 
     device = resolve_device(cfg.train.device)
+    state = AcceleratorState._shared_state
+    if state and PartialState().num_processes == 1 and (
+        state.get("_mixed_precision") != cfg.train.mixed_precision or PartialState().device.type != device.type
+    ):
+        # accelerate keeps one global state per process; a single-process caller (a notebook, the
+        # test suite, `sculpt bench`) may run erasures with different precisions one after another.
+        AcceleratorState._reset_state(reset_partial_state=True)
     return Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=device.type == "cpu")
 
 
@@ -256,6 +264,7 @@ def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, progress: boo
             concepts=[data[n] for n in names], previous=[data[n] for n in done],
             seed=cfg.seed + 1000 * i, log_file=out / "metrics.jsonl", empty_embeds=empty,
             on_step=bar.update_record if bar else None, stop_flag=stop,
+            gradient_checkpointing=cfg.train.gradient_checkpointing,
         )
         start = {n: p.detach().clone() for n, p in trainable.items()}  # the last good state
         t_stage = time.perf_counter()

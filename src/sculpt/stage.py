@@ -39,6 +39,7 @@ class StageContext:
     on_step: Callable[[dict[str, Any]], None] | None = None
     empty_embeds: torch.Tensor | None = None  # [1, L, D], the "" prompt
     stop_flag: dict | None = None  # set to {"stop": True} by the Ctrl-C handler
+    gradient_checkpointing: bool = False  # the run's `train.gradient_checkpointing`
     generator: torch.Generator = field(init=False)
 
     def __post_init__(self):
@@ -124,14 +125,14 @@ class StageContext:
     # -- optimisation ----------------------------------------------------------------------------
 
     def prepare_training(self, params: dict[str, nn.Parameter], lr: float, total_steps: int,
-                         schedule: str = "onecycle", gradient_checkpointing: bool = False):
+                         schedule: str = "onecycle"):
         """Only `params` get gradients; Adam (no weight decay) + the LR schedule, through accelerate
         so the same loop runs on CPU, one GPU or several (`accelerate launch`)."""
         unet = self.unet
         unet.requires_grad_(False)
         for p in params.values():
             p.requires_grad_(True)
-        if gradient_checkpointing:
+        if self.gradient_checkpointing:  # recompute activations in backward: less memory, more time
             unet.enable_gradient_checkpointing()
         unet.train()
         optimizer = torch.optim.Adam(list(params.values()), lr=lr, weight_decay=0.0)

@@ -52,7 +52,6 @@ class SculptingConfig(MethodConfig):
         description="share of each matrix frozen after a stage (its most-changed entries); 1 = all changed",
     )
     select_best_epoch: bool = True
-    gradient_checkpointing: bool = False
     reference: bool = Field(False, description="reproduce the authors' script (KD off, no freeze)")
 
 
@@ -129,9 +128,7 @@ class Sculpting(ErasureMethod):
         weights = {n: p for n, p in params.items() if n.endswith("weight")}
         teacher = {n: p.detach().clone() for n, p in params.items()}  # frozen: the model at stage start
         total = cfg.epochs * cfg.steps_per_epoch
-        model, optimizer, lr_sched = ctx.prepare_training(
-            params, cfg.lr, total, gradient_checkpointing=cfg.gradient_checkpointing
-        )
+        model, optimizer, lr_sched = ctx.prepare_training(params, cfg.lr, total)
         frozen = {} if cfg.reference else self.frozen
         mask = DynamicMask(weights, cfg.mask_ratio, frozen, signed_importance=cfg.reference)
 

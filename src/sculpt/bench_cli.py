@@ -1,0 +1,124 @@
+"""`sculpt bench`: parse, validate, call sculpt.bench.run_bench.
+
+    sculpt bench --targets all --out runs/bench --n 50                  # every method, emoji world
+    sculpt bench --methods sculpting esd-x uce --targets poodle church --quick
+    sculpt bench --spec imagenette.yaml --classifier ./resnet-50 --methods sculpting uce --out runs/inet
+
+With the emoji model (default) the concepts are the taxonomy's (name, superclass, synonyms), the data
+settings are the demo's (EMOJI_DATA) and each method runs at sculpt.bench.EMOJI_PRESETS. With
+--spec, the model, concepts and data come from the spec and every method runs at its paper
+defaults (the spec's own `method` is ignored).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+
+def add_commands(subparsers) -> None:
+    """Register `bench` on the `sculpt` command's subparsers."""
+    b = subparsers.add_parser("bench", help="run several erasure methods on one concept list and write the "
+                                            "comparison table (Markdown, CSV, HTML); resumable per method")
+    b.add_argument("--methods", nargs="+", help="method names (default: every registered method; see `sculpt methods`)")
+    b.add_argument("--targets", nargs="+", default=["all"],
+                   help="emoji concepts to erase, in order, or 'all' (the ten targets; default)")
+    b.add_argument("--spec", help="a YAML spec giving model, concepts and data instead (real models)")
+    b.add_argument("--out", default="runs/bench", help="output folder (default runs/bench)")
+    b.add_argument("--n", type=int, default=50, help="pictures per class prompt in the evaluation (default 50)")
+    b.add_argument("--n-paraphrase", type=int,
+                   help="pictures per synonym / paraphrase prompt (default n/4, at least 4)")
+    b.add_argument("--n-revival", type=int, default=10,
+                   help="pictures per concept and stage for the revival matrix (default 10)")
+    b.add_argument("--steps", type=int, default=25, help="sampling steps in the evaluation")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--quick", action="store_true",
+                   help="smoke run: step counts / 10 and 8 pictures per prompt (numbers mean nothing)")
+    b.add_argument("--no-quality", action="store_true", help="skip CLIP analogue and FID")
+    b.add_argument("--unsafe", action="store_true", help="also count unsafe pictures (off by default)")
+    b.add_argument("--in-process", action="store_true",
+                   help="run every method in this process (faster start; peak memory is then only an "
+                        "RSS-rise lower bound on CPU)")
+    b.add_argument("--classifier", help="transformers image classifier for real models (folder or cached id)")
+    b.add_argument("--clip", help="transformers CLIP model for the CLIP score on real models")
+    b.add_argument("--device", default="auto")
+    b.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    from sculpt.bench import EMOJI_PRESETS, BenchError, quick_preset, run_bench
+    from sculpt.eval.evaluate import EvalSettings
+    from sculpt.eval.sampling import SamplerSettings
+    from sculpt.methods import available_methods
+
+    methods = args.methods or available_methods()
+    unknown = [m for m in methods if m not in available_methods()]
+    if unknown:
+        return _fail(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(available_methods())}")
+    if len(set(methods)) != len(methods):
+        return _fail("a method is listed twice")
+    for flag in ("n", "n_revival", "steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            return _fail(f"--{flag.replace('_', '-')} must be positive")
+    out = Path(args.out)
+
+    if args.spec:
+        from sculpt.config import load_spec
+
+        spec = load_spec(args.spec)
+        model, concepts, data = spec.model, spec.concepts, spec.data
+        presets = {}
+        emoji = model == "emoji"
+    else:
+        from sculpt.emoji.demo import EMOJI_DATA, demo_spec
+        from sculpt.emoji.taxonomy import load_taxonomy
+
+        tax = load_taxonomy()
+        targets = list(tax.target_names) if args.targets == ["all"] else args.targets
+        missing = [t for t in targets if t not in tax.names]
+        if missing:
+            return _fail(f"not in the emoji taxonomy: {', '.join(missing)}")
+        model, emoji = "emoji", True
+        concepts = demo_spec(targets, out).concepts
+        data = dict(EMOJI_DATA)
+        presets = EMOJI_PRESETS
+    if args.quick:  # a tenth of each method's steps (its preset's, else its paper defaults')
+        from sculpt.methods import get_method
+
+        presets = {m: quick_preset({**get_method(m).config_class().model_dump(mode="json"), **presets.get(m, {}),
+                                    "name": m}) for m in methods}
+    n = 8 if args.quick else args.n
+    settings = EvalSettings(
+        n=n, n_paraphrase=args.n_paraphrase or max(4, n // 4), n_revival=min(args.n_revival, n),
+        seed=args.seed, sampler=SamplerSettings(steps=args.steps, guidance=4.0 if emoji else 7.5),
+        quality=not args.no_quality, paraphrases=not args.quick, unsafe=args.unsafe,
+    )
+    classifier = scorer = None
+    if not emoji:
+        if not args.classifier:
+            return _fail("a real model needs --classifier (a transformers image classifier folder or cached id)")
+        from sculpt.eval.classifiers import TransformersClassifier
+        from sculpt.models.loading import resolve_device
+
+        device = resolve_device(args.device)
+        classifier = TransformersClassifier(args.classifier, device=device)
+        if args.clip and settings.quality:
+            from sculpt.eval.classifiers import TransformersCLIPScorer
+
+            scorer = TransformersCLIPScorer(args.clip, device=device)
+    try:
+        rows = run_bench(methods, concepts, model, out, presets=presets, data=data, eval_settings=settings,
+                         isolate=not args.in_process, seed=args.seed, device=args.device,
+                         classifier=classifier, scorer=scorer, detector=None if args.unsafe else False,
+                         command="sculpt " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+                         if sys.argv[1:2] == ["bench"] else None)
+    except BenchError as exc:
+        return _fail(str(exc))
+    print((out / "bench.md").read_text())
+    return 0 if rows else 1
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
