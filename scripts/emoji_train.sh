@@ -5,9 +5,12 @@
 #   nohup scripts/emoji_train.sh > .cache/emoji_train/all.log 2>&1 &
 #
 # Resumable: run it again after an interruption and every stage continues from its latest checkpoint
-# (finished stages only re-export). Measured on 2 CPU cores, alone: classifier ~5 min, scorer ~6 min,
-# VAE ~12 min, UNet ~180 ms/step at batch 32 (30000 steps ~1.5 h); twice that when the
-# CPU is shared.
+# (finished stages only re-export). To train the UNet longer, rerun with a larger UNET_STEPS (its learning
+# rate is constant after warmup, so extending a finished run is sound).
+#
+# Wall time measured on 2 CPU cores shared with other jobs (about half of them free; alone is ~2x faster):
+# classifier 1500 steps ~10 min, scorer 1500 steps ~18 min, VAE 2000 steps ~27 min,
+# UNet 320-540 ms/step at batch 32 (~180 ms alone), plus ~15-40 s per export every 2000 steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

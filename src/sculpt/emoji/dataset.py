@@ -129,7 +129,10 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def render_batch(class_ids: list[int], seed: int) -> torch.Tensor:
-    """Tensor[B, 3, 32, 32] in [0, 1]: picture i shows class_ids[i], augmented by (seed, i)."""
+    """Tensor[B, 3, 32, 32] in [0, 1]: picture i shows class_ids[i], augmented by (seed, i).
+
+    The augmentation follows the position in the batch, as in the dataset stream, so repeating a class in
+    one batch gives different pictures of it (render(k, seed) is augmented by (seed, k) instead)."""
     return torch.stack([pil_to_tensor(render_with_rng(k, sample_rng(seed, i))) for i, k in enumerate(class_ids)])
 
 

@@ -226,8 +226,10 @@ def evaluate(
             record = run is not None and out.resolve().is_relative_to(Path(run).resolve())
         if record and run is not None and (Path(run) / "ledger.jsonl").is_file():
             from sculpt.ledger import record_evaluation
+            from sculpt.model_card import write_model_card
 
             record_evaluation(run, report, out / "metrics.json")
+            write_model_card(run)  # now with the measured effect
     return report
 
 
@@ -284,7 +286,10 @@ def _measure_state(ctx: _Context, bench: Benchmark, mhash: str, measured, kept, 
     by_class = {c: images[bench[c].prompt] for c in names}
     pred = ctx.predict(by_class)
     label = {c: ctx.classifier.label_id(bench[c].label) for c in bench.names}
-    shown = measured + kept[:4]
+    # Pictures kept for the report: each measured concept, and one superclass neighbour of each (what
+    # an erasure should leave alone), else the first kept classes.
+    neighbours = [next((m.name for m in bench.superclass_members(c) if m.name in kept), None) for c in measured]
+    shown = measured + (list(dict.fromkeys(n for n in neighbours if n)) or kept[:4])
     out: dict[str, Any] = {
         "accuracy": {c: M.top1_accuracy(pred[c], label[c]) for c in names},
         "coherence": {}, "neighbour_share": {},

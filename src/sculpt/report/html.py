@@ -159,7 +159,7 @@ def results_table(sources: list[Source]) -> str:
     note = (f"Per-concept columns: top-1 accuracy of the {_e(m0.get('classifier', {}).get('name', 'classifier'))} "
             f"on {m0['settings']['n']} pictures of the concept's prompt (↓). The original model's row is measured "
             f"with the first source's settings; FID / KID: classifier features of kept-class pictures vs real ones.")
-    return f"<table><tr><th></th>{head}</tr>{body}</table><p class=note>{note}</p>"
+    return f"<div class=wide><table><tr><th></th>{head}</tr>{body}</table></div><p class=note>{note}</p>"
 
 
 def comparison_grids(sources: list[Source]) -> str:
@@ -210,7 +210,8 @@ def source_section(s: Source) -> str:
         for concept in m["samples"]:
             rows = [(state, _strip_path(s, concept, state)) for state in ("base", "patched")]
             if all(path is not None for _, path in rows):
-                tag = "erased" if concept in m.get("measured", []) else "kept"
+                tag = ("erased" if concept in m.get("erased", []) else
+                       "measured" if concept in m.get("measured", []) else "kept")
                 parts.append(f"<figure>{_img(_grid_png(rows), concept)}<figcaption>{_e(concept)} ({tag})"
                              "</figcaption></figure>")
         parts.append("</div>")
@@ -301,6 +302,7 @@ th {{ background: #f4f4f4; }}
 figure {{ margin: 0; }} figcaption {{ font-size: 12px; }}
 img {{ max-width: 100%; }} .grids img {{ image-rendering: pixelated; }}
 section {{ border-top: 2px solid #ddd; margin-top: 2em; }}
+.wide {{ overflow-x: auto; }}
 </style></head>
 <body>
 {body}

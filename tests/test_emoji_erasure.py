@@ -1,0 +1,42 @@
+"""A short erasure on the committed emoji model: the target is forgotten, a distant class is kept."""
+
+import pytest
+import torch
+
+from sculpt.emoji.pipeline import PIPELINE_DIR
+
+pytestmark = pytest.mark.skipif(not (PIPELINE_DIR / "model_index.json").exists(),
+                                reason="no committed emoji pipeline yet: run scripts/emoji_train.sh")
+
+TARGET, DISTANT = "tropical fish", "grapes"
+
+
+def accuracy(pipe, classifier, name, n=16, seed=0):
+    from sculpt.emoji.dataset import class_prompt
+    from sculpt.emoji.taxonomy import load_taxonomy
+
+    g = torch.Generator().manual_seed(seed)
+    images = pipe([class_prompt(name)] * n, num_inference_steps=20, guidance_scale=4.0, generator=g,
+                  output_type="pt").images
+    with torch.no_grad():
+        pred = classifier.predict(images).argmax(-1)
+    return (pred == load_taxonomy()[name].id).float().mean().item()
+
+
+def test_erasing_one_target_lowers_it_and_keeps_a_distant_class(tmp_path):
+    from sculpt.emoji.classifier import load_classifier
+    from sculpt.emoji.demo import demo_spec
+    from sculpt.emoji.pipeline import load_emoji_pipeline
+    from sculpt.erase import erase
+
+    classifier = load_classifier()
+    base = load_emoji_pipeline()
+    before = accuracy(base, classifier, TARGET), accuracy(base, classifier, DISTANT)
+    cfg = demo_spec([TARGET], tmp_path / "run")
+    cfg.data.cache_dir = str(tmp_path / "cache")
+    cfg.data.n_images = 16
+    result = erase(cfg, pipe=base, progress=False)
+    after = accuracy(result.pipe, classifier, TARGET), accuracy(result.pipe, classifier, DISTANT)
+    assert before[0] >= 0.5, f"the base model does not draw a {TARGET} ({before[0]:.2f})"
+    assert after[0] <= before[0] - 0.4, f"{TARGET}: {before[0]:.2f} -> {after[0]:.2f}"
+    assert after[1] >= before[1] - 0.2, f"{DISTANT}: {before[1]:.2f} -> {after[1]:.2f}"
