@@ -15,8 +15,8 @@ from sculpt.io import atomic_write_text
 def model_card(run: str | Path) -> str:
     run = Path(run)
     entries = ledger.read_ledger(run / "ledger.jsonl")
-    if not entries:
-        raise ValueError(f"{run}: no ledger, not an erasure run folder")
+    if not entries or entries[0].get("event") != "run" or "config" not in entries[0]:
+        raise ValueError(f"{run}: no erasure ledger (ledger.jsonl starting with a 'run' entry)")
     start = entries[0]
     stages = [e for e in entries if e["event"] == "stage"]
     final = next((e for e in reversed(entries) if e["event"] == "final"), None)
