@@ -108,7 +108,10 @@ def test_emoji_presets_follow_the_stated_scaling_and_are_valid_specs():
     for name, preset in EMOJI_PRESETS.items():
         RunConfig(model="emoji", method=preset, concepts=CONCEPTS)  # validates against the method's config
         assert preset["name"] == name
-    assert EMOJI_PRESETS["esd-x"]["iterations"] == 400 and EMOJI_PRESETS["esd-x"]["lr"] == 3e-3
+    from sculpt.emoji.demo import EMOJI_METHOD
+
+    assert bench_mod.LR_SCALE == pytest.approx(EMOJI_METHOD["lr"] / 3e-6)  # the paper's method is the reference
+    assert EMOJI_PRESETS["esd-x"]["iterations"] == 400 and EMOJI_PRESETS["esd-x"]["lr"] == 1e-3
     assert EMOJI_PRESETS["fmn"]["steps"] == 14 and EMOJI_PRESETS["ac"]["steps"] == 160
     assert quick_preset(EMOJI_PRESETS["esd-x"])["iterations"] == 40
     assert bench_mod.STEP_SCALE == pytest.approx(0.4)
