@@ -5,8 +5,9 @@
 #   nohup scripts/emoji_train.sh > .cache/emoji_train/all.log 2>&1 &
 #
 # Resumable: run it again after an interruption and every stage continues from its latest checkpoint
-# (finished stages only re-export). To train the UNet longer, rerun with a larger UNET_STEPS (its learning
-# rate is constant after warmup, so extending a finished run is sound).
+# (finished stages are skipped; `python -m sculpt.emoji.train export STAGE --out DIR` re-exports one).
+# To train the UNet longer, rerun with a larger UNET_STEPS (its learning rate is constant after warmup,
+# so extending a finished run is sound).
 #
 # Wall time measured on 2 CPU cores shared with other jobs (about half of them free; alone is ~2x faster):
 # classifier 1500 steps ~10 min, scorer 1500 steps ~18 min, VAE 2000 steps ~27 min,

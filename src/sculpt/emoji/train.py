@@ -2,7 +2,7 @@
 
     python -m sculpt.emoji.train classifier --out .cache/emoji_train/classifier --steps 1500 --batch 128
     python -m sculpt.emoji.train scorer     --out .cache/emoji_train/scorer     --steps 1500 --batch 128
-    python -m sculpt.emoji.train vae        --out .cache/emoji_train/vae        --steps 3000 --batch 64
+    python -m sculpt.emoji.train vae        --out .cache/emoji_train/vae        --steps 2000 --batch 64
     python -m sculpt.emoji.train unet       --out .cache/emoji_train/unet       --steps 30000 --batch 32 \
         --vae .cache/emoji_train/vae
     python -m sculpt.emoji.train export unet --out .cache/emoji_train/unet --vae .cache/emoji_train/vae
@@ -10,7 +10,7 @@
 Every stage reads the deterministic data stream of EmojiDataset (batch at step s = samples s*B .. s*B+B-1),
 checkpoints model + optimizer + step + RNG states atomically every few minutes into --out, resumes from
 that checkpoint when run again, appends its losses to --out/log.txt, and at the end exports its weights
-into src/sculpt/emoji/weights/ (fp16). Running a finished stage again only re-exports it.
+into src/sculpt/emoji/weights/ (fp16). Running a finished stage again does nothing; `export` re-exports.
 """
 
 import argparse
@@ -70,6 +70,18 @@ class Run:
         tmp = self.checkpoint_path.with_suffix(".pt.tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.checkpoint_path)
+
+    def finished(self, steps: int) -> bool:
+        """True when an earlier invocation trained this run to `steps` and exported it. A finished stage is
+        skipped rather than re-exported: rewriting identical weights still changes the files' bytes."""
+        marker = self.out / "finished"
+        done = marker.exists() and int(marker.read_text()) >= steps
+        if done:
+            self.log(f"already finished at step {marker.read_text()}; `python -m sculpt.emoji.train export` re-exports")
+        return done
+
+    def mark_finished(self, steps: int) -> None:
+        (self.out / "finished").write_text(str(steps))
 
     def resume(self, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer) -> int:
         """Load the latest checkpoint if there is one; return the step to continue from."""
@@ -152,6 +164,8 @@ def degrade(images: torch.Tensor) -> torch.Tensor:
 
 def train_classifier(args) -> None:
     run = Run(args.out)
+    if run.finished(args.steps):
+        return
     model = classifier_lib.EmojiClassifier(num_classes=len(load_taxonomy()))
 
     def loss_fn(batch, step):
@@ -161,6 +175,7 @@ def train_classifier(args) -> None:
 
     train_loop(run, args, EmojiDataset(seed=args.seed), {"model": model}, list(model.parameters()), loss_fn)
     export_classifier(run, model, args.export_dir)
+    run.mark_finished(args.steps)
 
 
 def export_classifier(run: Run, model, export_dir: Path) -> None:
@@ -189,6 +204,8 @@ def caption_describes(class_ids: torch.Tensor, levels: list[str]) -> torch.Tenso
 
 def train_scorer(args) -> None:
     run = Run(args.out)
+    if run.finished(args.steps):
+        return
     encoder = scorer_lib.ImageEncoder()
     text_encoder, tokenizer = load_text_encoder(), load_tokenizer()
     captions = all_captions()
@@ -213,6 +230,7 @@ def train_scorer(args) -> None:
     dataset = EmojiDataset(seed=args.seed, empty_caption_prob=0.0)
     train_loop(run, args, dataset, {"encoder": encoder}, list(encoder.parameters()), loss_fn)
     export_scorer(run, encoder, args.export_dir)
+    run.mark_finished(args.steps)
 
 
 def export_scorer(run: Run, encoder, export_dir: Path) -> None:
@@ -232,6 +250,8 @@ def export_scorer(run: Run, encoder, export_dir: Path) -> None:
 
 def train_vae(args) -> None:
     run = Run(args.out)
+    if run.finished(args.steps):
+        return
     vae = new_vae()
 
     def loss_fn(batch, step):
@@ -245,6 +265,7 @@ def train_vae(args) -> None:
 
     train_loop(run, args, EmojiDataset(seed=args.seed), {"vae": vae}, list(vae.parameters()), loss_fn)
     finish_vae(run, vae, args.seed)
+    run.mark_finished(args.steps)
 
 
 @torch.no_grad()
@@ -270,6 +291,8 @@ def finish_vae(run: Run, vae: AutoencoderKL, seed: int) -> None:
 
 def train_unet(args) -> None:
     run = Run(args.out)
+    if run.finished(args.steps):
+        return
     vae = AutoencoderKL.from_pretrained(Path(args.vae) / "final").eval().requires_grad_(False)
     unet = new_unet()
     ema = copy.deepcopy(unet).requires_grad_(False)
@@ -307,6 +330,7 @@ def train_unet(args) -> None:
     train_loop(run, args, EmojiDataset(seed=args.seed), {"unet": unet, "ema": ema}, list(unet.parameters()),
                loss_fn, on_step, schedule="constant", warmup=500)
     export_unet(run, vae, ema, args.export_dir, args.steps)
+    run.mark_finished(args.steps)
 
 
 @torch.no_grad()
@@ -369,7 +393,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sculpt.emoji.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    defaults = {"classifier": (1500, 128, 2e-3), "scorer": (1500, 128, 1e-3), "vae": (3000, 64, 1e-3),
+    defaults = {"classifier": (1500, 128, 2e-3), "scorer": (1500, 128, 1e-3), "vae": (2000, 64, 1e-3),
                 "unet": (30000, 32, 2e-4)}
     for name, (steps, batch, lr) in defaults.items():
         p = sub.add_parser(name)
