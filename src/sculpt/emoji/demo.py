@@ -54,20 +54,25 @@ def run_demo(all_targets: bool = False, output: Path = Path("runs/demo"), quick:
     from sculpt.emoji.taxonomy import load_taxonomy
     from sculpt.erase import erase
     from sculpt.eval.evaluate import EvalSettings, evaluate
+    from sculpt.models.loading import load_pipeline
 
     t0 = time.perf_counter()
     targets = list(load_taxonomy().target_names) if all_targets else list(DEMO_TARGETS)
     cfg = demo_spec(targets, Path(output))
     print(f"sculpt demo: erasing {', '.join(targets)} from the emoji world, one after another")
-    result = erase(cfg)
+    pipe = load_pipeline("emoji")  # loaded once: erasure, evaluation and grid see the same base weights
+    base = {n: t.clone() for n, t in pipe.unet.state_dict().items()}
+    result = erase(cfg, pipe=pipe)
     t_erase = time.perf_counter() - t0
+    erased = {n: t.clone() for n, t in pipe.unet.state_dict().items()}
+    pipe.unet.load_state_dict(base)
 
     n = 8 if quick else (50 if all_targets else 16)
     settings = EvalSettings(n=n, n_paraphrase=max(4, n // 4), quality=True, unsafe=False,
                             paraphrases=not quick)
     print(f"evaluating base and erased model ({n} images per class prompt)...")
-    metrics = evaluate(model="emoji", run=result.output, out=Path(output) / "eval", settings=settings)
-    grid = write_demo_grid(result.pipe, targets, Path(output) / "demo_grid.png")
+    metrics = evaluate(model="emoji", pipe=pipe, run=result.output, out=Path(output) / "eval", settings=settings)
+    grid = write_demo_grid(pipe, base, erased, targets, Path(output) / "demo_grid.png")
     print_table(metrics)
     print(f"\ngrid: {grid}\nmetrics: {Path(output) / 'eval' / 'metrics.json'}\n"
           f"patch: {result.patch_path}\nwall time: {time.perf_counter() - t0:.0f}s "
@@ -92,26 +97,29 @@ def print_table(m: dict) -> None:
             print(f"{'leakage: ' + kind:<22}{v['base_mean']:>10.2f}{v['mean']:>12.2f}")
 
 
-def write_demo_grid(pipe, targets: list[str], path: Path, n: int = 4, seed: int = 0) -> Path:
+def write_demo_grid(pipe, base: dict, erased: dict, targets: list[str], path: Path, n: int = 4,
+                    seed: int = 0) -> Path:
     """Rows: each erased concept's prompt and its superclass's; columns: n base images | n erased
-    images, same seeds."""
+    images, same seeds. `base` / `erased` are UNet state dicts loaded into `pipe` in turn."""
     import torch
 
     from sculpt.emoji.dataset import class_prompt
-    from sculpt.emoji.pipeline import load_emoji_pipeline
     from sculpt.emoji.taxonomy import load_taxonomy
     from sculpt.report.images import image_grid, to_pil
 
     tax = load_taxonomy()
     prompts = [p for t in targets for p in (class_prompt(t), class_prompt(tax[t].superclass))]
 
-    def draw(model, prompt):
-        g = torch.Generator(model.device).manual_seed(seed)
-        out = model([prompt] * n, num_inference_steps=EMOJI_DATA["num_inference_steps"],
-                    guidance_scale=EMOJI_DATA["guidance_scale"], generator=g, output_type="pt")
-        return to_pil(out.images)
+    def draw(state):
+        pipe.unet.load_state_dict(state)
+        out = []
+        for prompt in prompts:
+            g = torch.Generator(pipe.device).manual_seed(seed)
+            images = pipe([prompt] * n, num_inference_steps=EMOJI_DATA["num_inference_steps"],
+                          guidance_scale=EMOJI_DATA["guidance_scale"], generator=g, output_type="pt").images
+            out.append(to_pil(images))
+        return out
 
-    base = load_emoji_pipeline(device=pipe.device)
-    rows = [draw(base, p) + draw(pipe, p) for p in prompts]
+    rows = [b + a for b, a in zip(draw(base), draw(erased))]
     image_grid(rows, row_labels=prompts, col_labels=["base"] * n + ["erased"] * n, cell=64).save(path)
     return path
