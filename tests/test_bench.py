@@ -19,14 +19,6 @@ TINY = {"sculpting": {"lr": 1e-3, "epochs": 1, "steps_per_epoch": 3, "warmup_ste
                       "batch_size": 2}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_factory():
     from sculpt.models.tiny import tiny_pipeline
 

@@ -27,15 +27,6 @@ from sculpt.patch import make_patch, save_patch
 FAST = SamplerSettings(steps=2, guidance=2.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine a second one only waits (10-50x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class StandInClassifier(Classifier):
     """Labels from a fixed random projection of 4x4-pooled pixels: arbitrary but deterministic."""
 

@@ -22,14 +22,6 @@ from test_eval import make_run, toy_evaluate
 IMG = re.compile(r'<img alt="([^"]*)" src="data:image/png;base64,([A-Za-z0-9+/=]+)">')
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     """A two-stage run evaluated in its eval/ folder, and a separate evaluation of its first stage."""
