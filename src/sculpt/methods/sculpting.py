@@ -138,6 +138,7 @@ class Sculpting(ErasureMethod):
             mask.accumulate()
             optimizer.zero_grad(set_to_none=True)
         mask.initialise()
+        density = mask.current_density()  # changes only when the mask does: not recounted every step
 
         # 2. Masked optimisation with periodic drop/grow and best-epoch selection.
         best = {"L_f": float("inf"), "epoch": -1, "weights": None}
@@ -157,11 +158,12 @@ class Sculpting(ErasureMethod):
                 if step % cfg.mask_update_every == 0 and step <= cfg.mask_update_stop * total:
                     turnover, dropped = mask.update(drop_ratio(step, total, cfg.drop_ratio))
                     reset_optimizer_state(optimizer, weights, dropped)
+                    density = mask.current_density()
                 epoch_lf += terms["L_f"].item()
                 ctx.log({
                     "step": step, "epoch": epoch,
                     **{k: round(v.item(), 6) for k, v in terms.items()},
-                    "density": round(mask.current_density(), 4), "turnover": round(turnover, 4),
+                    "density": round(density, 4), "turnover": round(turnover, 4),
                     "lr": lr_sched.get_last_lr()[0],
                 })
             epoch_lf /= cfg.steps_per_epoch
@@ -181,4 +183,4 @@ class Sculpting(ErasureMethod):
             if self.frozen else 0.0
         )
         return {"best_epoch": best["epoch"], "best_L_f": best["L_f"], "steps": step,
-                "mask_density": mask.current_density(), "frozen_share": frozen_share}
+                "mask_density": density, "frozen_share": frozen_share}
