@@ -138,3 +138,37 @@ def test_bench_command_builds_the_emoji_bench(tmp_path, monkeypatch, capsys):
     assert bad.func(bad) == 2
     bad = parser.parse_args(["bench", "--targets", "unicorn-ish thing", "--out", str(tmp_path / "c")])
     assert bad.func(bad) == 2
+
+
+def test_bench_set_overrides_one_methods_preset_and_names_bad_settings(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from sculpt import bench_cli
+
+    seen = {}
+
+    def fake_run_bench(methods, concepts, model, out, **kw):
+        seen.update(kw)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.md").write_text("| table |\n")
+        return [{"method": "original model"}]
+
+    monkeypatch.setattr(bench_mod, "run_bench", fake_run_bench)
+    parser = argparse.ArgumentParser(prog="sculpt")
+    bench_cli.add_commands(parser.add_subparsers(dest="command"))
+    run = lambda *a: (lambda args: args.func(args))(parser.parse_args(  # noqa: E731
+        ["bench", "--methods", "sculpting", "uce", "--out", str(tmp_path / "b"), *a]))
+    before = dict(bench_mod.EMOJI_PRESETS["sculpting"])
+    assert run("--set", "sculpting.lambda_kd=0.25") == 0
+    assert seen["presets"]["sculpting"]["lambda_kd"] == 0.25
+    assert seen["presets"]["sculpting"]["lr"] == bench_mod.EMOJI_PRESETS["sculpting"]["lr"]  # rest kept
+    assert bench_mod.EMOJI_PRESETS["sculpting"] == before  # the module's preset is not modified
+    capsys.readouterr()
+    assert run("--set", "sculpting.lambda_kd=-1") == 2
+    assert "lambda_kd" in capsys.readouterr().err
+    assert run("--set", "sculpting.no_such_field=1") == 2
+    assert "no_such_field" in capsys.readouterr().err
+    assert run("--set", "esd-x.lr=1") == 2  # esd-x is not run
+    assert "esd-x" in capsys.readouterr().err
+    assert run("--set", "lambda_kd=1") == 2
+    assert "METHOD.FIELD=VALUE" in capsys.readouterr().err

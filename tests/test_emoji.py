@@ -122,3 +122,14 @@ def test_scorer_ranks_the_right_caption_first():
     assert top1 >= 0.8
     paired = scorer.score(images[:2], ["a photo of a tropical fish", "a photo of a fish"])
     assert paired.shape == (2,) and paired.abs().max() <= 100
+
+
+def test_demo_anchors_use_the_concept_as_negative_prompt_unless_it_removes_the_superclass(tmp_path):
+    from sculpt.emoji.demo import ANCHOR_WITHOUT_NEGATIVE, demo_spec
+    from sculpt.emoji.taxonomy import load_taxonomy
+
+    cfg = demo_spec(list(load_taxonomy().target_names), tmp_path)
+    negative = {c.name: c.negative_prompt for c in cfg.concepts}
+    assert ANCHOR_WITHOUT_NEGATIVE == {"poodle", "church"}
+    assert negative["poodle"] == negative["church"] == ""
+    assert all(negative[n] == n for n in negative if n not in ANCHOR_WITHOUT_NEGATIVE)

@@ -2,6 +2,7 @@
 
     sculpt bench --targets all --out runs/bench --n 50                  # every method, emoji world
     sculpt bench --methods sculpting esd-x uce --targets poodle church --quick
+    sculpt bench --methods sculpting --set sculpting.lambda_kd=0.25 --out runs/bench-kd025   # a variant
     sculpt bench --spec imagenette.yaml --classifier ./resnet-50 --methods sculpting uce --out runs/inet
 
 With the emoji model (default) the concepts are the taxonomy's (name, superclass, synonyms), the data
@@ -43,6 +44,8 @@ def add_commands(subparsers) -> None:
     b.add_argument("--classifier", help="transformers image classifier for real models (folder or cached id)")
     b.add_argument("--clip", help="transformers CLIP model for the CLIP score on real models")
     b.add_argument("--device", default="auto")
+    b.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=VALUE",
+                   help="override one setting of a listed method's preset (YAML value; repeatable)")
     b.set_defaults(func=cmd_bench)
 
 
@@ -83,6 +86,10 @@ def cmd_bench(args) -> int:
         concepts = demo_spec(targets, out).concepts
         data = dict(EMOJI_DATA)
         presets = EMOJI_PRESETS
+    try:
+        presets = _with_overrides(presets, args.set, methods)
+    except ValueError as exc:
+        return _fail(str(exc))
     if args.quick:  # a tenth of each method's steps (its preset's, else its paper defaults')
         from sculpt.methods import get_method
 
@@ -117,6 +124,31 @@ def cmd_bench(args) -> int:
         return _fail(str(exc))
     print((out / "bench.md").read_text())
     return 0 if rows else 1
+
+
+def _with_overrides(presets: dict, sets: list[str], methods: list[str]) -> dict:
+    """presets with each `method.field=value` of --set applied, the result validated."""
+    import yaml
+    from pydantic import ValidationError
+
+    from sculpt.methods import get_method
+
+    out = {m: dict(p) for m, p in presets.items()}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        method, dot, field = key.strip().partition(".")
+        if not (sep and dot and field):
+            raise ValueError(f"--set {item!r}: expected METHOD.FIELD=VALUE, e.g. sculpting.lambda_kd=0.25")
+        if method not in methods:
+            raise ValueError(f"--set {item!r}: {method!r} is not among the methods run ({', '.join(methods)})")
+        out.setdefault(method, {})[field] = yaml.safe_load(value)
+    for method in {s.partition(".")[0].strip() for s in sets}:
+        fields = {k: v for k, v in out[method].items() if k != "name"}
+        try:
+            get_method(method).config_class(**fields)
+        except ValidationError as exc:
+            raise ValueError(f"--set for {method}: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}") from None
+    return out
 
 
 def _fail(message: str) -> int:

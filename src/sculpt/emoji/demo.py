@@ -29,6 +29,22 @@ EMOJI_METHOD = {
 EMOJI_DATA = {"n_images": 32, "num_inference_steps": 20, "guidance_scale": 4.0, "batch_size": 32,
               "prompt_template": "a photo of a {}"}
 
+# Superclass (anchor) images. The paper draws them with the concept as negative prompt so that they
+# do not show the concept; without it, the superclass images of this model contain the concept
+# itself (parachute in 12% of "safety gear" images, fuel pump in 22% of "energy equipment"), and
+# erasing onto such an anchor fails: flag in hole and parachute stayed at 0.50 / 0.69 accuracy after
+# erasing just those two, 0.00 / 0.00 with the negative prompt (16 images each, seeds 0-15). But in
+# this small text encoder's space two concepts are so close to their superclass that the negative
+# prompt removes the superclass too: "a photo of a dog" minus "poodle" gives 0.00 dogs, "building"
+# minus "church" 0.19 buildings. Rule: the concept is the negative prompt (the paper) unless that
+# leaves fewer than half of the superclass images in the superclass; then none.
+# Measured by `python benchmarks/emoji_anchors.py` on the committed model (table in docs/results.md).
+ANCHOR_WITHOUT_NEGATIVE = frozenset({"poodle", "church"})
+
+
+def anchor_negative_prompt(concept: str) -> str:
+    return "" if concept in ANCHOR_WITHOUT_NEGATIVE else concept
+
 
 def demo_spec(targets: list[str], output: Path, method: dict | None = None) -> RunConfig:
     """Concept specs straight from the taxonomy: name, superclass, synonyms."""
@@ -38,13 +54,7 @@ def demo_spec(targets: list[str], output: Path, method: dict | None = None) -> R
     tax = load_taxonomy()
     # The prompts are the ones evaluation uses (the authors' script trained on "a photo of X" and
     # evaluated on "a photo of a X"; here they match), plus the taxonomy's synonyms.
-    # The superclass images are drawn WITHOUT the concept as negative prompt (the paper's default,
-    # kept for every other model): in this small text encoder's space the concept's name is so close
-    # to its superclass that the negative prompt removes the superclass too. Measured on the UNet
-    # export at step 6000: 0 of 16 "a photo of a dog" images with negative "poodle" were classified
-    # dog (12 cat); erasing poodle from them took "dog" from 0.69 to 0.00, without the negative
-    # prompt to 0.62 (scripts in the closing note of issue 3).
-    concepts = [{"name": t, "superclass": tax[t].superclass, "negative_prompt": "",
+    concepts = [{"name": t, "superclass": tax[t].superclass, "negative_prompt": anchor_negative_prompt(t),
                  "prompts": [class_prompt(w) for w in (t, *tax[t].synonyms)]} for t in targets]
     return RunConfig(model="emoji", output=str(output), mode="sequential",
                      method={**EMOJI_METHOD, **(method or {})}, data=EMOJI_DATA, concepts=concepts)

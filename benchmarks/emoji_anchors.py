@@ -1,0 +1,48 @@
+"""Which superclass images should an emoji erasure train on? (the demo's anchor rule)
+
+    python benchmarks/emoji_anchors.py [--n 32]
+
+For each of the ten targets, draws N images of its superclass prompt ("a photo of a dog") the way
+`sculpt.data` draws anchor images (DDIM 20 steps, guidance 4.0, image i from seed i), once without a
+negative prompt and once with the concept as negative prompt (the paper's setting), and prints the
+share the emoji classifier calls the concept itself and the share it calls another member of the
+superclass. `sculpt.emoji.demo.ANCHOR_WITHOUT_NEGATIVE` is decided from this table (docs/results.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=32)
+    args = ap.parse_args()
+
+    from sculpt.emoji.classifier import load_classifier
+    from sculpt.emoji.dataset import class_prompt
+    from sculpt.emoji.taxonomy import load_taxonomy
+    from sculpt.eval.sampling import Job, SamplerSettings, generate
+    from sculpt.models.loading import load_pipeline, model_hash
+
+    tax, clf, pipe = load_taxonomy(), load_classifier(), load_pipeline("emoji")
+    mhash = model_hash(pipe)
+    rows = {}
+    for t in tax.targets:
+        members = torch.tensor([m.id for m in tax.members_of(t.superclass) if m.id != t.id])
+        row = {}
+        for label, negative in (("no negative", ""), ("concept as negative", t.name)):
+            settings = SamplerSettings(steps=20, guidance=4.0, negative_prompt=negative)
+            jobs = [Job(class_prompt(t.superclass), seed) for seed in range(args.n)]
+            pred = clf.predict(generate(pipe, jobs, settings, mhash)).argmax(-1)
+            row[label] = {"concept": round((pred == t.id).float().mean().item(), 3),
+                          "other members": round(torch.isin(pred, members).float().mean().item(), 3)}
+        rows[f"{t.name} -> {t.superclass}"] = row
+        print(f"{t.name:>18} -> {t.superclass:<18} {json.dumps(row)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
