@@ -30,17 +30,15 @@ def main() -> None:
 
     tax, clf, pipe = load_taxonomy(), load_classifier(), load_pipeline("emoji")
     mhash = model_hash(pipe)
-    rows = {}
     for t in tax.targets:
         members = torch.tensor([m.id for m in tax.members_of(t.superclass) if m.id != t.id])
+        jobs = [Job(class_prompt(t.superclass), seed) for seed in range(args.n)]
         row = {}
         for label, negative in (("no negative", ""), ("concept as negative", t.name)):
             settings = SamplerSettings(steps=20, guidance=4.0, negative_prompt=negative)
-            jobs = [Job(class_prompt(t.superclass), seed) for seed in range(args.n)]
             pred = clf.predict(generate(pipe, jobs, settings, mhash)).argmax(-1)
             row[label] = {"concept": round((pred == t.id).float().mean().item(), 3),
                           "other members": round(torch.isin(pred, members).float().mean().item(), 3)}
-        rows[f"{t.name} -> {t.superclass}"] = row
         print(f"{t.name:>18} -> {t.superclass:<18} {json.dumps(row)}", flush=True)
 
 

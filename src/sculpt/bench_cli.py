@@ -134,6 +134,7 @@ def _with_overrides(presets: dict, sets: list[str], methods: list[str]) -> dict:
     from sculpt.methods import get_method
 
     out = {m: dict(p) for m, p in presets.items()}
+    touched = set()
     for item in sets:
         key, sep, value = item.partition("=")
         method, dot, field = key.strip().partition(".")
@@ -142,7 +143,8 @@ def _with_overrides(presets: dict, sets: list[str], methods: list[str]) -> dict:
         if method not in methods:
             raise ValueError(f"--set {item!r}: {method!r} is not among the methods run ({', '.join(methods)})")
         out.setdefault(method, {})[field] = yaml.safe_load(value)
-    for method in {s.partition(".")[0].strip() for s in sets}:
+        touched.add(method)
+    for method in touched:
         fields = {k: v for k, v in out[method].items() if k != "name"}
         try:
             get_method(method).config_class(**fields)
