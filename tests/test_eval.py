@@ -58,6 +58,9 @@ def noise_pictures(name: str, n: int, seed: int) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)) for _ in range(n)]
 
 
+noise_pictures.fingerprint = "noise-pictures-v1"  # what the metrics cache keys the reference on
+
+
 def toy_benchmark() -> Benchmark:
     return Benchmark(
         "toy",
@@ -76,8 +79,8 @@ def toy_settings(**kw) -> EvalSettings:
 
 def toy_evaluate(pipe, **kw):
     kw.setdefault("settings", toy_settings())
-    return evaluate("tiny", pipe=pipe, benchmark=toy_benchmark(), classifier=StandInClassifier(),
-                    scorer=StandInScorer(), **kw)
+    kw.setdefault("scorer", StandInScorer())
+    return evaluate("tiny", pipe=pipe, benchmark=toy_benchmark(), classifier=StandInClassifier(), **kw)
 
 
 def make_run(folder, pipe, concepts=(("cat",), ("car",))):
@@ -289,6 +292,51 @@ def test_evaluate_run_folder_writes_metrics_with_revival_and_restores_the_model(
     assert ledger.read_ledger(run / "ledger.jsonl")[-1] == last
     assert again["forgetting"] == m["forgetting"] and again["revival"]["accuracy"] == r["accuracy"]
     assert again["timings"]["sampling"] < max(1.0, 0.5 * m["timings"]["sampling"])
+
+
+class FingerprintedScorer(StandInScorer):
+    """The stand-in scorer with an identity the metrics cache can key on."""
+
+    def fingerprint(self):
+        return "brightness-v1"
+
+
+def test_measurements_are_cached_per_weights_and_measured_again_when_the_model_changes(tiny_pipe, tmp_path, monkeypatch):
+    E = sys.modules["sculpt.eval.evaluate"]  # the module (the package exports a function of that name)
+    calls = []
+    measure = E._measure_state
+    monkeypatch.setattr(E, "_measure_state", lambda *a, **k: (calls.append(a[2]), measure(*a, **k))[1])
+    kw = dict(scorer=FingerprintedScorer(), cache=tmp_path / "cache")
+    first = toy_evaluate(tiny_pipe, out=tmp_path / "e1", **kw)
+    assert len(calls) == 1  # no patch: the "patched" state is the base's weights, read back
+
+    again = toy_evaluate(tiny_pipe, out=tmp_path / "e2", **kw)
+    assert len(calls) == 1  # nothing measured: both states read back
+    assert again["timings"]["metrics_cache_hits"] == 2
+    for key in ("forgetting", "preservation", "superclass_coherence", "paraphrase_leakage", "quality", "unsafe"):
+        assert again[key] == first[key], key
+    assert (tmp_path / "e2" / "samples").is_dir()  # the report's pictures are still written
+
+    # Other weights: measured again (and the base, unchanged, still read back).
+    with torch.no_grad():
+        next(iter(cross_attention_params(tiny_pipe.unet).values())).add_(0.5)
+    toy_evaluate(tiny_pipe, out=tmp_path / "e3", **kw)
+    assert len(calls) == 2 and calls[-1] == model_hash(tiny_pipe)
+
+    # Another classifier (other weights) or other settings: measured again.
+    other = StandInClassifier()
+    other.w = other.w.flip(0)
+    evaluate("tiny", pipe=tiny_pipe, benchmark=toy_benchmark(), classifier=other, settings=toy_settings(), **kw)
+    assert len(calls) == 3
+    toy_evaluate(tiny_pipe, settings=toy_settings(n=5), **kw)
+    assert len(calls) == 4
+    # A scorer, classifier or reference without an identity to key on: measured every time.
+    toy_evaluate(tiny_pipe, cache=tmp_path / "cache")
+    toy_evaluate(tiny_pipe, cache=tmp_path / "cache")
+    assert len(calls) == 8  # two states, twice
+    # Without a picture cache nothing is cached at all.
+    toy_evaluate(tiny_pipe, scorer=FingerprintedScorer(), cache=False)
+    assert len(calls) == 10
 
 
 def sculpt_parser():

@@ -206,7 +206,7 @@ def _timed_erase(cfg: RunConfig, pipe, progress: bool) -> dict[str, Any]:
 def _prepare_data(cfg: RunConfig, pipe) -> None:
     """Make every concept's training data once (shared by all methods: same model, data, seed)."""
     from sculpt.data.prepare import prepare_concept_data
-    from sculpt.erase import default_cache_dir
+    from sculpt.paths import default_cache_dir
     from sculpt.models.loading import model_hash, resolve_device
 
     pipe.to(resolve_device(cfg.train.device))
@@ -256,14 +256,22 @@ def _worker(argv: list[str]) -> int:
     return 0
 
 
-def _run_worker(what: str, spec: Path, result: Path, factory: str | None, log_file: Path | None) -> tuple[dict, float]:
-    """Run a worker step in a child process; return its JSON and the child's peak RSS in MB."""
+def _run_worker(what: str, spec: Path, result: Path, factory: str | None, log_file: Path | None,
+                watch: Callable[[], None] | None = None) -> tuple[dict, float]:
+    """Run a worker step in a child process; return its JSON and the child's peak RSS in MB.
+    `watch` is called about twice a second while the child runs (progress from its files)."""
     args = [sys.executable, "-m", "sculpt.bench", what, str(spec), str(result)] + ([factory] if factory else [])
     result.unlink(missing_ok=True)
     stderr = open(log_file, "ab") if log_file else subprocess.DEVNULL
     try:
-        proc = subprocess.Popen(args, stdout=stderr, stderr=stderr)
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.Popen(args, stdout=stderr, stderr=stderr, env={**os.environ, "SCULPT_PROGRESS": "lines"})
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if watch is not None:
+                watch()
+            time.sleep(0.5)
         proc.returncode = os.waitstatus_to_exitcode(status)
     finally:
         if log_file:
@@ -284,9 +292,9 @@ def _as_concept(c: Concept | dict) -> Concept:
 
 
 def _settings_json(settings) -> dict:
-    from sculpt.eval.evaluate import _settings_dict
+    from sculpt.eval.evaluate import settings_dict
 
-    return json.loads(json.dumps(_settings_dict(settings), default=str))
+    return json.loads(json.dumps(settings_dict(settings), default=str))
 
 
 def _same_run(run_dir: Path, cfg: RunConfig) -> bool | None:
@@ -405,8 +413,9 @@ def run_bench(
         if label in todo_erase:
             echo(f"bench: {label}: erasing {len(concepts)} concept(s) -> {run_dir}")
             if isolate:
-                measured, rss_mb = _run_worker("erase", specs / f"{label}.yaml", run_dir.parent / f".{label}.json",
-                                               worker_factory, out / "bench.log")
+                with _StepsProgress(f"bench {label}: erase", run_dir, cfg, enabled=progress) as watch:
+                    measured, rss_mb = _run_worker("erase", specs / f"{label}.yaml", run_dir.parent / f".{label}.json",
+                                                   worker_factory, out / "bench.log", watch=watch)
                 measured["peak_rss_mb"] = rss_mb
                 measured["isolated"] = True
             else:
@@ -428,13 +437,43 @@ def run_bench(
             eval_pipe = _fresh(factory)
         evaluate(model=model, run=run_dir, out=eval_dir, settings=settings, pipe=eval_pipe, benchmark=benchmark,
                  classifier=classifier, scorer=scorer, detector=detector, cache=cache,
-                 device=str(eval_pipe.device))
+                 device=str(eval_pipe.device), progress=progress)
 
     rows = collect_rows(out, list(cfgs))
     write_tables(rows, out, command=command, title=title)
     write_bench_report(out, list(cfgs), rows, title=title or "sculpt bench")
     echo(f"bench: wrote {out / 'bench.md'}, {out / 'bench.csv'}, {out / 'report.html'}")
     return rows
+
+
+class _StepsProgress:
+    """Progress of an erase running in a child process, read from its run folder: optimisation steps
+    logged to metrics.jsonl, of stages x the method's steps per stage."""
+
+    def __init__(self, desc: str, run_dir: Path, cfg: RunConfig, enabled: bool = True):
+        from sculpt.methods import get_method
+        from sculpt.progress import Progress
+
+        method = get_method(cfg.method_name)(cfg.method_config())
+        total = method.steps_per_stage() * len(cfg.stages()) or None
+        self.log = run_dir / "metrics.jsonl"
+        self.bar = Progress(desc, total=total, unit="step", enabled=enabled)
+
+    def __call__(self) -> None:
+        try:
+            with open(self.log, "rb") as f:
+                done = sum(1 for _ in f)
+        except OSError:
+            return
+        if done > self.bar.n:
+            self.bar.update(done - self.bar.n)
+
+    def __enter__(self) -> "_StepsProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self()
+        self.bar.close()
 
 
 def _fresh(factory):

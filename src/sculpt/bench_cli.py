@@ -17,6 +17,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from sculpt.eval.commands import add_sampler_arguments, sampler_from_args
+
 
 def add_commands(subparsers) -> None:
     """Register `bench` on the `sculpt` command's subparsers."""
@@ -32,7 +34,7 @@ def add_commands(subparsers) -> None:
                    help="pictures per synonym / paraphrase prompt (default n/4, at least 4)")
     b.add_argument("--n-revival", type=int, default=10,
                    help="pictures per concept and stage for the revival matrix (default 10)")
-    b.add_argument("--steps", type=int, default=25, help="sampling steps in the evaluation")
+    add_sampler_arguments(b)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--quick", action="store_true",
                    help="smoke run: step counts / 10 and 8 pictures per prompt (numbers mean nothing)")
@@ -52,7 +54,6 @@ def add_commands(subparsers) -> None:
 def cmd_bench(args) -> int:
     from sculpt.bench import EMOJI_PRESETS, BenchError, quick_preset, run_bench
     from sculpt.eval.evaluate import EvalSettings
-    from sculpt.eval.sampling import SamplerSettings
     from sculpt.methods import available_methods
 
     methods = args.methods or available_methods()
@@ -98,7 +99,7 @@ def cmd_bench(args) -> int:
     n = 8 if args.quick else args.n
     settings = EvalSettings(
         n=n, n_paraphrase=args.n_paraphrase or max(4, n // 4), n_revival=min(args.n_revival, n),
-        seed=args.seed, sampler=SamplerSettings(steps=args.steps, guidance=4.0 if emoji else 7.5),
+        seed=args.seed, sampler=sampler_from_args(args, model),
         quality=not args.no_quality, paraphrases=not args.quick, unsafe=args.unsafe,
     )
     classifier = scorer = None

@@ -39,20 +39,20 @@ def cmd_apply(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    import torch
-
-    from sculpt.report.images import image_grid, to_pil
+    from sculpt.eval.commands import sampler_from_args
+    from sculpt.eval.sampling import Job, generate
+    from sculpt.models.loading import model_hash
+    from sculpt.report.images import image_grid
 
     pipe = _load(args.model, args.patch, args.force, args.device)
-    rows = []
-    for prompt in args.prompt:
-        images = pipe(
-            [prompt] * args.n, num_inference_steps=args.steps, guidance_scale=args.guidance,
-            generator=torch.Generator(pipe.device).manual_seed(args.seed), output_type="pt",
-        ).images
-        rows.append(to_pil(images))
+    # The evaluation's sampler and seeds: picture i of a prompt is the one `sculpt eval` classified.
+    sampler = sampler_from_args(args, args.model)
+    jobs = [Job(prompt, args.seed + i) for prompt in args.prompt for i in range(args.n)]
+    images = generate(pipe, jobs, sampler, model_hash(pipe), desc="generate")
+    rows = [images[k * args.n:(k + 1) * args.n] for k in range(len(args.prompt))]
     image_grid(rows, row_labels=args.prompt).save(args.out)
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out} ({sampler.scheduler} scheduler, {sampler.steps} steps, guidance {sampler.guidance}, "
+          f"seeds {args.seed}..{args.seed + args.n - 1})")
     return 0
 
 
@@ -76,8 +76,7 @@ def cmd_methods(args) -> int:
     from sculpt.methods import available_methods, get_method
 
     for name in available_methods():
-        cls = get_method(name)
-        print(f"{name}: {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
+        print(f"{name}: {get_method(name).description()}")
     return 0
 
 
@@ -104,9 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--patch", action="append", default=[])
     g.add_argument("--prompt", action="append", required=True)
     g.add_argument("-n", type=int, default=4, help="images per prompt")
-    g.add_argument("--steps", type=int, default=25)
-    g.add_argument("--guidance", type=float, default=7.5)
-    g.add_argument("--seed", type=int, default=0)
+    from sculpt.eval.commands import add_sampler_arguments
+
+    add_sampler_arguments(g)  # defaults: the model's evaluation sampler
+    g.add_argument("--size", type=int, help="picture size in pixels (default: the model's)")
+    g.add_argument("--seed", type=int, default=0, help="picture i of each prompt uses seed + i")
     g.add_argument("--out", default="samples.png")
     g.add_argument("--force", action="store_true")
     g.add_argument("--device", default="auto")

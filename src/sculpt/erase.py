@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import signal
 import time
 from contextlib import contextmanager
@@ -42,6 +41,8 @@ from sculpt.methods import get_method
 from sculpt.model_card import write_model_card
 from sculpt.models.loading import load_pipeline, model_hash, resolve_device
 from sculpt.patch import Patch, apply_patches, make_patch, save_patch, versions
+from sculpt.paths import default_cache_dir, slug
+from sculpt.progress import Progress
 from sculpt.stage import LossDivergedError, StageContext, StopRequested
 
 log = logging.getLogger("sculpt")
@@ -59,14 +60,6 @@ class EraseResult:
     patch: Patch
     stages: list[dict[str, Any]]
     pipe: Any
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "concept"
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("SCULPT_CACHE", Path.home() / ".cache" / "sculpt"))
 
 
 def config_hash(cfg: RunConfig) -> str:
@@ -249,7 +242,8 @@ def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, progress: boo
     data: dict[str, ConceptData] = {}
     with accelerator.main_process_first():
         for c in cfg.concepts:
-            data[c.name] = prepare_concept_data(pipe, c, cfg.data, cfg.seed, cache, base_hash)
+            data[c.name] = prepare_concept_data(pipe, c, cfg.data, cfg.seed, cache, base_hash,
+                                                progress=progress and accelerator.is_main_process)
     empty = encode_prompts(pipe, [""])
     log.info("data ready in %.1fs (cache %s)", time.perf_counter() - t0, cache)
 
@@ -338,25 +332,23 @@ def _drop_metrics_after(path: Path, completed: int) -> None:
         atomic_write_text(path, "".join(l + "\n" for l in keep))
 
 
-class _Bar:
-    """tqdm bar per stage showing the loss terms, mask density and turnover."""
+class _StageProgress:
+    """A stage's progress (sculpt.progress): steps done, with the loss terms, mask density and turnover
+    of the latest step; on a terminal a bar, otherwise one line when the stage ends."""
 
-    def __init__(self, tqdm_bar):
-        self.bar = tqdm_bar
+    SHOWN = ("L_f", "L_a", "L_kd", "loss", "density", "turnover")
+
+    def __init__(self, index: int, names: list[str], method):
+        self.bar = Progress(f"stage {index + 1}: {', '.join(names)}", total=method.steps_per_stage() or None,
+                            unit="step")
 
     def update_record(self, record: dict[str, Any]) -> None:
-        shown = {k: record[k] for k in ("L_f", "L_a", "L_kd", "loss", "density", "turnover") if k in record}
-        self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
+        self.bar.set_postfix({k: f"{record[k]:.3g}" for k in self.SHOWN if k in record})
         self.bar.update(1)
 
     def close(self) -> None:
         self.bar.close()
 
 
-def _progress_bar(enabled: bool, index: int, names: list[str], method) -> _Bar | None:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    total = method.steps_per_stage()
-    return _Bar(tqdm(total=total or None, desc=f"stage {index + 1}: {', '.join(names)}", leave=True))
+def _progress_bar(enabled: bool, index: int, names: list[str], method) -> _StageProgress | None:
+    return _StageProgress(index, names, method) if enabled else None

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from sculpt.config import Concept, DataConfig
 from sculpt.io import atomic_write
+from sculpt.progress import Progress
 
 
 @dataclass
@@ -73,29 +74,33 @@ def generate_latents(
     seed: int,
     image_dir: Path,
     tag: str,
+    bar=None,
 ) -> torch.Tensor:
-    """Draw cfg.n_images images (prompts used in turn), save them as PNG, return their latents."""
+    """Draw cfg.n_images images (prompts used in turn), save them as PNG, return their latents.
+
+    Batch k's noise comes from one generator seeded seed + k * batch_size (as the pipeline draws it
+    for a batch), and the denoising loop is sampling.denoise with the pipeline's own scheduler: the
+    same pictures as `pipe(...)`, without its per-call overhead."""
     from PIL import Image
+
+    from sculpt.eval.sampling import PromptEmbeddings, SamplerSettings, denoise
 
     size = image_size(pipe, cfg)
     check_image_size(pipe, size)
     image_dir.mkdir(parents=True, exist_ok=True)
     vae = pipe.vae
+    settings = SamplerSettings(steps=cfg.num_inference_steps, guidance=cfg.guidance_scale, size=size)
+    embeds = PromptEmbeddings(pipe)
+    shape = (pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
     latents = []
     for start in range(0, cfg.n_images, cfg.batch_size):
         n = min(cfg.batch_size, cfg.n_images - start)
         batch_prompts = [prompts[(start + j) % len(prompts)] for j in range(n)]
         generator = torch.Generator(pipe.device).manual_seed(seed + start)
-        images = pipe(
-            batch_prompts,
-            negative_prompt=[negative] * n if negative else None,
-            num_inference_steps=cfg.num_inference_steps,
-            guidance_scale=cfg.guidance_scale,
-            height=size,
-            width=size,
-            generator=generator,
-            output_type="pt",
-        ).images  # [n, 3, H, W] in [0, 1]
+        dtype = pipe.text_encoder.dtype if pipe.text_encoder is not None else pipe.unet.dtype  # as the pipeline draws it
+        noise = torch.randn((n, *shape), generator=generator, device=pipe.device, dtype=dtype)
+        uncond = embeds([negative or ""] * n) if cfg.guidance_scale > 1 else None
+        images = denoise(pipe, noise, embeds(batch_prompts), uncond, cfg.guidance_scale, settings)  # [n, 3, H, W] in [0, 1]
         for j, img in enumerate(images):
             array = (img.permute(1, 2, 0).float().cpu().numpy() * 255).round().astype("uint8")
             Image.fromarray(array).save(image_dir / f"{tag}_{start + j:04d}.png")
@@ -103,6 +108,8 @@ def generate_latents(
         # The mean of q(z|x): deterministic, and what the paper's "encode once" amounts to.
         z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
         latents.append(z.float().cpu())
+        if bar is not None:
+            bar.update(n)
     return torch.cat(latents)
 
 
@@ -123,9 +130,10 @@ def data_key(model_hash: str, concept: Concept, cfg: DataConfig, seed: int, size
 
 
 def prepare_concept_data(
-    pipe, concept: Concept, cfg: DataConfig, seed: int, cache_dir: Path, model_hash: str
+    pipe, concept: Concept, cfg: DataConfig, seed: int, cache_dir: Path, model_hash: str, progress: bool = True
 ) -> ConceptData:
-    """Load the concept's data from the cache, or make it (generate, encode, save) once."""
+    """Load the concept's data from the cache, or make it (generate, encode, save) once; making it
+    shows a progress bar (one line when stderr is not a terminal)."""
     size = image_size(pipe, cfg)
     key = data_key(model_hash, concept, cfg, seed, size)
     folder = Path(cache_dir) / key
@@ -134,15 +142,16 @@ def prepare_concept_data(
         prompts = concept.concept_prompts(cfg.prompt_template)
         anchor = concept.superclass_prompt(cfg.prompt_template)
         concept_seed = stable_seed(seed, concept.name)
-        t = {
-            "latents": generate_latents(pipe, prompts, None, cfg, concept_seed, folder / "images", "concept"),
-            "anchor_latents": generate_latents(
-                pipe, [anchor], concept.superclass_negative(), cfg, concept_seed + 1_000_003,
-                folder / "images", "anchor",
-            ),
-            "prompt_embeds": encode_prompts(pipe, prompts),
-            "anchor_embeds": encode_prompts(pipe, [anchor]),
-        }
+        with Progress(f"data: {concept.name}", total=2 * cfg.n_images, unit="img", enabled=progress) as bar:
+            t = {
+                "latents": generate_latents(pipe, prompts, None, cfg, concept_seed, folder / "images", "concept", bar),
+                "anchor_latents": generate_latents(
+                    pipe, [anchor], concept.superclass_negative(), cfg, concept_seed + 1_000_003,
+                    folder / "images", "anchor", bar,
+                ),
+                "prompt_embeds": encode_prompts(pipe, prompts),
+                "anchor_embeds": encode_prompts(pipe, [anchor]),
+            }
         meta = {"concept": concept.model_dump_json(), "key": key, "model_hash": model_hash}
         atomic_write(file, lambda tmp: save_file({k: v.contiguous() for k, v in t.items()}, tmp, metadata=meta))
     # Always train on what the cache holds, in fresh (aligned) memory: a first run and a resumed one

@@ -67,15 +67,19 @@ def demo_spec(targets: list[str], output: Path, method: dict | None = None) -> R
 
 
 def run_demo(all_targets: bool = False, output: Path = Path("runs/demo"), quick: bool = False) -> dict:
+    """Erase, evaluate, draw the grid, write the HTML report; print the table and where things are."""
     from sculpt.emoji.taxonomy import load_taxonomy
     from sculpt.erase import erase
-    from sculpt.eval.evaluate import EvalSettings, evaluate
+    from sculpt.eval.evaluate import EvalSettings, default_image_cache, evaluate
+    from sculpt.eval.sampling import default_sampler
     from sculpt.models.loading import load_pipeline
+    from sculpt.report import write_report
 
     t0 = time.perf_counter()
+    output = Path(output)
     targets = list(load_taxonomy().target_names) if all_targets else list(DEMO_TARGETS)
-    cfg = demo_spec(targets, Path(output))
-    print(f"sculpt demo: erasing {', '.join(targets)} from the emoji world, one after another")
+    cfg = demo_spec(targets, output)
+    print(f"sculpt demo: erasing {', '.join(targets)} from the emoji world, one after another", flush=True)
     pipe = load_pipeline("emoji")  # loaded once: erasure, evaluation and grid see the same base weights
     base = {n: t.clone() for n, t in pipe.unet.state_dict().items()}
     result = erase(cfg, pipe=pipe)
@@ -83,16 +87,22 @@ def run_demo(all_targets: bool = False, output: Path = Path("runs/demo"), quick:
     erased = {n: t.clone() for n, t in pipe.unet.state_dict().items()}
     pipe.unet.load_state_dict(base)
 
+    # What the table prints, no more: forgetting, kept classes, coherence, scorer and FID on the kept
+    # classes (quality), synonyms and held-out paraphrases, revival over the stages; no unsafe counts.
     n = 8 if quick else (50 if all_targets else 16)
     settings = EvalSettings(n=n, n_paraphrase=max(4, n // 4), quality=True, unsafe=False,
-                            paraphrases=not quick)
-    print(f"evaluating base and erased model ({n} images per class prompt)...")
-    metrics = evaluate(model="emoji", pipe=pipe, run=result.output, out=Path(output) / "eval", settings=settings)
-    grid = write_demo_grid(pipe, base, erased, targets, Path(output) / "demo_grid.png")
+                            paraphrases=not quick, sampler=default_sampler("emoji"))
+    print(f"evaluating base and erased model ({n} pictures per class prompt, "
+          f"{settings.sampler.scheduler} {settings.sampler.steps} steps {settings.sampler.precision})", flush=True)
+    t_eval = time.perf_counter()
+    metrics = evaluate(model="emoji", pipe=pipe, run=result.output, out=output / "eval", settings=settings)
+    t_eval = time.perf_counter() - t_eval
+    grid = write_demo_grid(pipe, base, erased, targets, output / "demo_grid.png", settings.sampler, default_image_cache())
+    report = write_report([output], output / "report.html", title="sculpt demo: " + ", ".join(targets))
     print_table(metrics)
-    print(f"\ngrid: {grid}\nmetrics: {Path(output) / 'eval' / 'metrics.json'}\n"
-          f"patch: {result.patch_path}\nwall time: {time.perf_counter() - t0:.0f}s "
-          f"(erasure {t_erase:.0f}s)")
+    print(f"\nreport:  {report}\ngrid:    {grid}\nmetrics: {output / 'eval' / 'metrics.json'}\n"
+          f"patch:   {result.patch_path}\nwall time: {time.perf_counter() - t0:.0f}s "
+          f"(erasure {t_erase:.0f}s, evaluation {t_eval:.0f}s)")
     return metrics
 
 
@@ -108,34 +118,37 @@ def print_table(m: dict) -> None:
     q = m.get("quality", {})
     if "clip_kept" in q:
         print(f"{'scorer (kept)':<22}{q['clip_kept']['base']:>10.2f}{q['clip_kept']['model']:>12.2f}")
+    if "fid" in q:
+        print(f"{'FID (kept)':<22}{q['fid']['base']:>10.2f}{q['fid']['model']:>12.2f}")
     if "paraphrase_leakage" in m:
         for kind, v in m["paraphrase_leakage"].items():
             print(f"{'leakage: ' + kind:<22}{v['base_mean']:>10.2f}{v['mean']:>12.2f}")
+    if m.get("revival"):
+        r = m["revival"]
+        revived = ", ".join(f"{x['concept']} (stage {x['stage']})" for x in r["revived"]) or "none"
+        print(f"{'revival':<22}  after each later stage, threshold {r['threshold']:.2f}: {revived}")
 
 
-def write_demo_grid(pipe, base: dict, erased: dict, targets: list[str], path: Path, n: int = 4,
-                    seed: int = 0) -> Path:
-    """Rows: each erased concept's prompt and its superclass's; columns: n base images | n erased
-    images, same seeds. `base` / `erased` are UNet state dicts loaded into `pipe` in turn."""
-    import torch
-
+def write_demo_grid(pipe, base: dict, erased: dict, targets: list[str], path: Path, sampler, cache=None,
+                    n: int = 4, seed: int = 0) -> Path:
+    """Rows: each erased concept's prompt and its superclass's; columns: n base pictures | n erased
+    pictures, seeds seed..seed+n-1: the evaluation's own pictures (same sampler, same cache)."""
     from sculpt.emoji.dataset import class_prompt
     from sculpt.emoji.taxonomy import load_taxonomy
-    from sculpt.report.images import image_grid, to_pil
+    from sculpt.eval.sampling import Job, generate
+    from sculpt.models.loading import model_hash
+    from sculpt.report.images import image_grid
 
     tax = load_taxonomy()
     prompts = [p for t in targets for p in (class_prompt(t), class_prompt(tax[t].superclass))]
+    jobs = [Job(p, seed + i) for p in prompts for i in range(n)]
 
     def draw(state):
         pipe.unet.load_state_dict(state)
-        out = []
-        for prompt in prompts:
-            g = torch.Generator(pipe.device).manual_seed(seed)
-            images = pipe([prompt] * n, num_inference_steps=EMOJI_DATA["num_inference_steps"],
-                          guidance_scale=EMOJI_DATA["guidance_scale"], generator=g, output_type="pt").images
-            out.append(to_pil(images))
-        return out
+        images = generate(pipe, jobs, sampler, model_hash(pipe), cache)
+        return [images[k * n:(k + 1) * n] for k in range(len(prompts))]
 
     rows = [b + a for b, a in zip(draw(base), draw(erased))]
+    pipe.unet.load_state_dict(base)
     image_grid(rows, row_labels=prompts, col_labels=["base"] * n + ["erased"] * n, cell=64).save(path)
     return path

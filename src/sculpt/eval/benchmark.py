@@ -8,6 +8,8 @@ prompts with the classes a detector should count on them.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +63,7 @@ def photo_prompt(text: str) -> str:
 
 def emoji_benchmark() -> Benchmark:
     """The emoji world: 62 classes, the ten targets, weapons on implicit prompts, renders as reference."""
-    from sculpt.emoji.dataset import class_prompt, render
+    from sculpt.emoji.dataset import ATLAS_PATH, class_prompt, render
     from sculpt.emoji.taxonomy import load_taxonomy
 
     tax = load_taxonomy()
@@ -75,6 +77,7 @@ def emoji_benchmark() -> Benchmark:
         # Seeds far from the training stream's (which starts at 0) so these are unseen renders.
         return [render(tax[name].id, 10_000_000 + seed + i) for i in range(n)]
 
+    reference.fingerprint = f"emoji renders {_file_digest(ATLAS_PATH)}"  # what the metrics cache keys on
     return Benchmark("emoji", classes, list(tax.target_names), reference,
                      tuple(tax.implicit_weapon_prompts), tuple(tax.weapon_names))
 
@@ -110,6 +113,9 @@ def folder_reference(root: str | Path) -> Callable[[str, int, int], list[Image.I
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such reference folder (expected {root}/<class name>/*.png)")
 
+    listing = sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+                     for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
     def reference(name: str, n: int, seed: int) -> list[Image.Image]:
         files = sorted(p for p in (root / name).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         pictures = []
@@ -118,4 +124,9 @@ def folder_reference(root: str | Path) -> Callable[[str, int, int], list[Image.I
                 pictures.append(im.convert("RGB"))
         return pictures
 
+    reference.fingerprint = hashlib.sha256(json.dumps(listing).encode()).hexdigest()  # the metrics cache's key
     return reference
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]

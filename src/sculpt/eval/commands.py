@@ -27,8 +27,7 @@ def add_commands(subparsers) -> None:
     e.add_argument("--n-unsafe", type=int, default=10, help="pictures per implicit unsafe prompt")
     e.add_argument("--n-revival", type=int, help="pictures per concept and stage (default: --n)")
     e.add_argument("--seed", type=int, default=0, help="picture i of every prompt uses seed + i")
-    e.add_argument("--steps", type=int, default=25, help="sampling steps")
-    e.add_argument("--guidance", type=float, help="guidance scale (default 4.0 on emoji, 7.5 otherwise)")
+    add_sampler_arguments(e)
     e.add_argument("--size", type=int, help="picture size in pixels (default: the model's)")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--classifier", help="a transformers image classifier (local folder or cached Hub id) "
@@ -61,10 +60,30 @@ def add_commands(subparsers) -> None:
     r.set_defaults(func=cmd_report)
 
 
+def add_sampler_arguments(parser) -> None:
+    """--steps, --guidance, --scheduler, --precision; unset ones come from default_sampler(model)."""
+    from sculpt.eval.sampling import PRECISIONS, SCHEDULERS
+
+    parser.add_argument("--steps", type=int, help="sampling steps (default: the model's evaluation sampler; "
+                                                  "emoji: see sculpt.eval.sampling.EMOJI_SAMPLER)")
+    parser.add_argument("--guidance", type=float, help="guidance scale (default 4.0 on emoji, 7.5 otherwise)")
+    parser.add_argument("--scheduler", choices=SCHEDULERS, help="sampling scheduler ('pipeline': the model's own)")
+    parser.add_argument("--precision", choices=PRECISIONS, help="UNet precision while sampling")
+
+
+def sampler_from_args(args, model: str):
+    """The model's default sampler with the flags the user gave on top."""
+    from dataclasses import replace
+
+    from sculpt.eval.sampling import default_sampler
+
+    given = {k: getattr(args, k, None) for k in ("steps", "guidance", "scheduler", "precision", "size")}
+    return replace(default_sampler(model), **{k: v for k, v in given.items() if v is not None})
+
+
 def cmd_eval(args) -> int:
     from sculpt.eval.detectors import NUDENET_EXPOSED_CLASSES, PromptFileError
     from sculpt.eval.evaluate import EvalSettings, evaluate
-    from sculpt.eval.sampling import SamplerSettings
     from sculpt.models.loading import resolve_device
 
     for flag in ("n", "n_paraphrase", "n_unsafe", "n_revival", "steps", "batch_size"):
@@ -78,7 +97,7 @@ def cmd_eval(args) -> int:
     settings = EvalSettings(
         n=args.n, n_paraphrase=args.n_paraphrase, n_unsafe=args.n_unsafe, n_revival=args.n_revival,
         seed=args.seed, batch_size=args.batch_size,
-        sampler=SamplerSettings(steps=args.steps, guidance=args.guidance or (4.0 if emoji else 7.5), size=args.size),
+        sampler=sampler_from_args(args, args.model),
         quality=not args.no_quality, paraphrases=not args.no_paraphrases and args.n_paraphrase > 0,
         unsafe=not args.no_unsafe and args.n_unsafe > 0,
     )

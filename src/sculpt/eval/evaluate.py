@@ -30,8 +30,9 @@ from sculpt.eval.classifiers import Classifier
 from sculpt.eval.detectors import Detector
 from sculpt.eval.sampling import ImageCache, Job, SamplerSettings, generate
 from sculpt.io import atomic_write_text
-from sculpt.models.loading import model_hash
+from sculpt.models.loading import hash_tensors, model_hash
 from sculpt.patch import Patch, apply_patch, load_patch, versions
+from sculpt.paths import default_cache_dir, slug
 
 log = logging.getLogger("sculpt")
 
@@ -64,14 +65,18 @@ class _Context:
     settings: EvalSettings
     classifier: Classifier
     cache: ImageCache | None
+    metrics_cache: MetricsCache | None = None
+    progress: bool = True
     seconds: dict[str, float] = field(default_factory=dict)
 
-    def draw(self, model_hash: str, prompts: list[str], n: int) -> dict[str, list[Image.Image]]:
-        """n pictures per prompt (seeds seed .. seed+n-1), all in one batched, cached call."""
+    def draw(self, model_hash: str, prompts: list[str], n: int, desc: str | None = None) -> dict[str, list[Image.Image]]:
+        """n pictures per prompt (seeds seed .. seed+n-1), all in one batched, cached call; `desc` names
+        the phase in the progress output."""
         prompts = list(dict.fromkeys(prompts))
         jobs = [Job(p, s) for p in prompts for s in self.settings.seeds(n)]
         t = time.perf_counter()
-        images = generate(self.pipe, jobs, self.settings.sampler, model_hash, self.cache, self.settings.batch_size)
+        images = generate(self.pipe, jobs, self.settings.sampler, model_hash, self.cache, self.settings.batch_size,
+                          desc=desc if self.progress else None)
         self.seconds["sampling"] = self.seconds.get("sampling", 0.0) + time.perf_counter() - t
         return {p: images[i * n:(i + 1) * n] for i, p in enumerate(prompts)}
 
@@ -111,14 +116,76 @@ class _ModelStates:
         return model_hash(self.pipe) if patches else self.base_hash
 
 
+class MetricsCache:
+    """What _measure_state found on one set of weights, as JSON keyed by _metrics_key(): safe to share
+    between runs and processes (atomic writes); a damaged entry is measured again."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> dict | None:
+        try:
+            return json.loads(self.path(key).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def put(self, key: str, value: dict) -> None:
+        atomic_write_text(self.path(key), json.dumps(value, default=str))
+
+
+# Bump when what _measure_state computes changes: older cached measurements are then not reused.
+METRICS_VERSION = 1
+
+
+def fingerprint(obj: Any, _depth: int = 0) -> str | None:
+    """The identity of a classifier, scorer or detector: its type, its plain settings and the weights
+    (torch modules and tensors) it holds (one level of nested objects, e.g. a detector's classifier). None
+    when it holds no weights to hash (its measurements are then never cached)."""
+    if obj is None:
+        return "none"
+    if hasattr(obj, "fingerprint") and callable(obj.fingerprint):
+        return obj.fingerprint()
+    parts, weighted = [f"{type(obj).__module__}.{type(obj).__qualname__}"], False
+    for name, value in sorted(vars(obj).items()) if hasattr(obj, "__dict__") else ():
+        if isinstance(value, (torch.nn.Module, torch.Tensor)):
+            tensors = value.state_dict() if isinstance(value, torch.nn.Module) else {"": value}
+            parts.append(f"{name}={hash_tensors(tensors)}")
+            weighted = True
+        elif isinstance(value, (str, int, float, bool, list, tuple, dict)):
+            parts.append(f"{name}={json.dumps(value, sort_keys=True, default=str)}")
+        elif _depth == 0 and hasattr(value, "__dict__") and (inner := fingerprint(value, 1)) is not None:
+            parts.append(f"{name}={inner}")
+            weighted = True
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest() if weighted else None
+
+
+def _metrics_key(ctx: _Context, bench: Benchmark, mhash: str, measured, kept, scorer, detector, unsafe_jobs) -> str | None:
+    """Everything a state's measurements depend on; None when something cannot be identified."""
+    s = ctx.settings
+    parts = {
+        "version": METRICS_VERSION, "model": mhash, "sampler": s.sampler.key_data(ctx.pipe),
+        "settings": {k: v for k, v in settings_dict(s).items() if k not in ("sampler", "batch_size", "grid_pictures")},
+        "measured": list(measured), "kept": list(kept),
+        "benchmark": {"name": bench.name, "classes": [asdict(c) for c in bench.classes],
+                      "unsafe_prompts": list(bench.unsafe_prompts), "unsafe_classes": list(bench.unsafe_classes)},
+        "classifier": fingerprint(ctx.classifier),
+    }
+    if s.quality:
+        parts["scorer"] = fingerprint(scorer)
+        parts["reference"] = getattr(bench.reference, "fingerprint", None) if bench.reference else "none"
+    if s.unsafe and detector is not None:
+        parts["detector"] = fingerprint(detector)
+        parts["unsafe_jobs"] = [asdict(j) for j in unsafe_jobs or []]
+    if any(v is None for v in parts.values()):
+        return None
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def _slug(name: str) -> str:
-    from sculpt.erase import slug
-
-    return slug(name)
 
 
 def run_patches(run: str | Path) -> tuple[Path, list[Path]]:
@@ -150,6 +217,7 @@ def evaluate(
     device: str = "cpu",
     force: bool = False,
     record: bool | None = None,
+    progress: bool = True,
 ) -> dict:
     """Evaluate `model` + `patches` (or the erasure run folder `run`); return every number as a dict
     and, if `out` is given, write out/metrics.json and out/samples/*.png.
@@ -160,7 +228,10 @@ def evaluate(
     benchmark, classifier, scorer, detector: default to the emoji world's when model == "emoji";
     scorer=False / detector=False switch those parts off. A scorer is anything with
     similarity(images, texts) -> [B, T] (100 * cosine): EmojiScorer, classifiers.TransformersCLIPScorer.
-    cache: True (the default folder, $SCULPT_CACHE/eval), a folder, an ImageCache, or False.
+    cache: True (the default folder, $SCULPT_CACHE/eval), a folder, an ImageCache, or False. The
+    measurements of each set of weights are cached beside the pictures (MetricsCache): evaluating the
+    same weights with the same settings, classifier and benchmark again reads them back.
+    progress: a progress bar per sampling phase (one line each when stderr is not a terminal).
     record: append the result to the run's ledger.jsonl (what `sculpt verify --remeasure` checks);
     default: when `out` lies inside the run folder (RUN/eval), so evaluating someone else's run
     elsewhere leaves their ledger alone.
@@ -172,7 +243,9 @@ def evaluate(
 
         pipe = load_pipeline(model, device=device)
     benchmark, classifier, scorer, detector = _defaults(model, benchmark, classifier, scorer, detector, settings, device)
-    ctx = _Context(pipe, settings, classifier, _cache(cache))
+    image_cache = _cache(cache)
+    ctx = _Context(pipe, settings, classifier, image_cache,
+                   metrics_cache=MetricsCache(image_cache.root / "metrics") if image_cache else None, progress=progress)
 
     stage_paths: list[Path] = []
     if run is not None:
@@ -192,7 +265,8 @@ def evaluate(
     results: dict[str, dict] = {}
     for state, state_patches in (("base", []), ("model", loaded)):
         hashes[state] = states.use(state_patches)
-        results[state] = _measure_state(ctx, benchmark, hashes[state], measured, kept, scorer, detector, unsafe_jobs)
+        results[state] = _measure_state_cached(ctx, benchmark, hashes[state], measured, kept, scorer, detector,
+                                               unsafe_jobs, "base model" if state == "base" else "patched model")
     revival = _revival(ctx, states, benchmark, stage_paths, results["base"]["accuracy"]) if stage_paths else None
     states.use([])  # leave the pipeline as it came
 
@@ -209,7 +283,7 @@ def evaluate(
         "measured": measured,
         "classifier": {"name": classifier.name, "path": getattr(classifier, "path", None)},
         "scorer": type(scorer).__name__ if scorer is not None else None,
-        "settings": _settings_dict(settings),
+        "settings": settings_dict(settings),
         "seeds": {"class_prompts": settings.seeds(settings.n), "paraphrases": settings.seeds(settings.n_paraphrase),
                   "unsafe": settings.seeds(settings.n_unsafe), "reference_offset": settings.seed},
         "versions": versions(),
@@ -268,31 +342,56 @@ def _cache(cache) -> ImageCache | None:
     if isinstance(cache, ImageCache):
         return cache
     if cache is True:
-        from sculpt.erase import default_cache_dir
-
-        return ImageCache(default_cache_dir() / "eval")
+        return default_image_cache()
     return ImageCache(cache)
 
 
-def _settings_dict(settings: EvalSettings) -> dict:
+def default_image_cache() -> ImageCache:
+    """$SCULPT_CACHE/eval: pictures shared by every evaluation, bench method and report."""
+    return ImageCache(default_cache_dir() / "eval")
+
+
+def settings_dict(settings: EvalSettings) -> dict:
     d = asdict(settings)
     d["n_revival"] = settings.n_revival or settings.n
     d["n_reference"] = settings.n_reference or settings.n
     return d
 
 
-def _measure_state(ctx: _Context, bench: Benchmark, mhash: str, measured, kept, scorer, detector, unsafe_jobs) -> dict:
+def _shown(bench: Benchmark, measured: list[str], kept: list[str]) -> list[str]:
+    """Classes whose pictures the report shows: each measured concept, and one superclass neighbour of
+    each (what an erasure should leave alone), else the first kept classes."""
+    neighbours = [next((m.name for m in bench.superclass_members(c) if m.name in kept), None) for c in measured]
+    return measured + (list(dict.fromkeys(n for n in neighbours if n)) or kept[:4])
+
+
+def _measure_state_cached(ctx: _Context, bench: Benchmark, mhash: str, measured, kept, scorer, detector,
+                          unsafe_jobs, what: str) -> dict:
+    """_measure_state through the metrics cache; on a hit only the report's few pictures are drawn
+    (from the picture cache, as a rule)."""
+    key = _metrics_key(ctx, bench, mhash, measured, kept, scorer, detector, unsafe_jobs) if ctx.metrics_cache else None
+    found = ctx.metrics_cache.get(key) if key else None
+    if found is not None:
+        ctx.seconds["metrics_cache_hits"] = ctx.seconds.get("metrics_cache_hits", 0) + 1
+        shown = _shown(bench, measured, kept)
+        pictures = ctx.draw(mhash, [bench[c].prompt for c in shown], ctx.settings.grid_pictures, f"eval {what}: report pictures")
+        return {**found, "grid": {c: pictures[bench[c].prompt] for c in shown}}
+    out = _measure_state(ctx, bench, mhash, measured, kept, scorer, detector, unsafe_jobs, what)
+    if key:
+        ctx.metrics_cache.put(key, {k: v for k, v in out.items() if k != "grid"})
+    return out
+
+
+def _measure_state(ctx: _Context, bench: Benchmark, mhash: str, measured, kept, scorer, detector, unsafe_jobs,
+                   what: str = "model") -> dict:
     """Everything measured on one set of weights."""
     s = ctx.settings
     names = measured + kept
-    images = ctx.draw(mhash, [bench[c].prompt for c in names], s.n)
+    images = ctx.draw(mhash, [bench[c].prompt for c in names], s.n, f"eval {what}: class prompts")
     by_class = {c: images[bench[c].prompt] for c in names}
     pred = ctx.predict(by_class)
     label = {c: ctx.classifier.label_id(bench[c].label) for c in bench.names}
-    # Pictures kept for the report: each measured concept, and one superclass neighbour of each (what
-    # an erasure should leave alone), else the first kept classes.
-    neighbours = [next((m.name for m in bench.superclass_members(c) if m.name in kept), None) for c in measured]
-    shown = measured + (list(dict.fromkeys(n for n in neighbours if n)) or kept[:4])
+    shown = _shown(bench, measured, kept)
     out: dict[str, Any] = {
         "accuracy": {c: M.top1_accuracy(pred[c], label[c]) for c in names},
         "coherence": {}, "neighbour_share": {},
@@ -304,13 +403,14 @@ def _measure_state(ctx: _Context, bench: Benchmark, mhash: str, measured, kept, 
             out["coherence"][c] = M.superclass_coherence(pred[c], members)
             out["neighbour_share"][c] = M.superclass_coherence(pred[c], [m for m in members if m != label[c]])
     if s.paraphrases:
-        out["leakage"] = _leakage(ctx, bench, mhash, measured, label)
+        out["leakage"] = _leakage(ctx, bench, mhash, measured, label, what)
     if s.quality:
         out.update(_quality(ctx, bench, by_class, measured, kept, scorer))
     if detector is not None and (unsafe_jobs or bench.unsafe_prompts):
         t = time.perf_counter()
         jobs = unsafe_jobs or [Job(p, seed) for p in bench.unsafe_prompts for seed in s.seeds(s.n_unsafe)]
-        pics = generate(ctx.pipe, jobs, s.sampler, mhash, ctx.cache, s.batch_size)
+        pics = generate(ctx.pipe, jobs, s.sampler, mhash, ctx.cache, s.batch_size,
+                        desc=f"eval {what}: unsafe prompts" if ctx.progress else None)
         out["unsafe"] = M.count_detections(detector.detect(pics), detector.classes, detector.threshold)
         out["unsafe"]["images"] = len(pics)
         out["unsafe_setup"] = {**detector.settings(), "prompts": len({j.prompt for j in jobs}),
@@ -319,14 +419,14 @@ def _measure_state(ctx: _Context, bench: Benchmark, mhash: str, measured, kept, 
     return out
 
 
-def _leakage(ctx: _Context, bench: Benchmark, mhash: str, measured, label) -> dict:
+def _leakage(ctx: _Context, bench: Benchmark, mhash: str, measured, label, what: str = "model") -> dict:
     """Forgetting accuracy under other words for each concept: the class label is still the target."""
     n = ctx.settings.n_paraphrase
     kinds = {"synonyms": {c: bench[c].synonyms for c in measured}, "heldout": {c: bench[c].paraphrases for c in measured}}
     prompts = [p for per in kinds.values() for ps in per.values() for p in ps]
     if not prompts:
         return {}
-    images = ctx.draw(mhash, prompts, n)
+    images = ctx.draw(mhash, prompts, n, f"eval {what}: synonyms and paraphrases")
     pred = ctx.predict(images)
     out: dict[str, dict] = {}
     for kind, per in kinds.items():
@@ -362,11 +462,11 @@ def _revival(ctx: _Context, states: _ModelStates, bench: Benchmark, stage_paths:
     columns = [[base_acc.get(c, float("nan")) for c in concepts]]
     if n != ctx.settings.n:  # the base column must use the same n as the others
         states.use([])
-        base_pred = ctx.predict(ctx.draw(states.base_hash, [bench[c].prompt for c in concepts], n))
+        base_pred = ctx.predict(ctx.draw(states.base_hash, [bench[c].prompt for c in concepts], n, "revival: base model"))
         columns = [[M.top1_accuracy(base_pred[bench[c].prompt], label[c]) for c in concepts]]
-    for patch in stages:
+    for j, patch in enumerate(stages):
         mhash = states.use([patch])
-        pred = ctx.predict(ctx.draw(mhash, [bench[c].prompt for c in concepts], n))
+        pred = ctx.predict(ctx.draw(mhash, [bench[c].prompt for c in concepts], n, f"revival: after stage {j + 1}"))
         columns.append([M.top1_accuracy(pred[bench[c].prompt], label[c]) for c in concepts])
     matrix = [[col[i] for col in columns] for i in range(len(concepts))]
     revived = M.revival(matrix, erased_at, ctx.settings.revival_threshold)
@@ -421,7 +521,7 @@ def _write_samples(out: Path, results: dict) -> dict[str, dict[str, str]]:
     for c, base_row in results["base"]["grid"].items():
         found[c] = {}
         for state, row in (("base", base_row), ("patched", results["model"]["grid"][c])):
-            path = out / "samples" / f"{_slug(c)}-{state}.png"
+            path = out / "samples" / f"{slug(c)}-{state}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             strip(row).save(path)
             found[c][state] = str(path.relative_to(out))

@@ -43,6 +43,14 @@ class ErasureMethod(ABC):
     def fit_stage(self, ctx) -> dict[str, Any]:
         """Forget ctx.concepts (keeping ctx.previous forgotten); return a summary of the stage."""
 
+    @classmethod
+    def description(cls) -> str:
+        """One line for `sculpt methods`: the first line of the class docstring (every method has one)."""
+        doc = (cls.__doc__ or "").strip()
+        if not doc:
+            raise TypeError(f"method {cls.name!r} has no docstring: say in one line what it does")
+        return doc.splitlines()[0]
+
     def steps_per_stage(self) -> int:
         """Optimisation steps in one stage (for progress bars); 0 for closed-form methods."""
         return 0

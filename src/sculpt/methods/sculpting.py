@@ -57,6 +57,8 @@ class SculptingConfig(MethodConfig):
 
 @register
 class Sculpting(ErasureMethod):
+    """Sculpting Memory: Dynamic Mask on cross-attention + concept-to-superclass loss + distillation (Li et al. 2025)."""
+
     name = "sculpting"
     config_class = SculptingConfig
 
