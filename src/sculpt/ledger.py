@@ -106,5 +106,6 @@ def record_evaluation(run: str | Path, metrics: dict[str, Any], metrics_file: st
         total_acc=metrics["forgetting"]["total_acc"], per_concept=metrics["forgetting"]["per_concept"],
         kept_acc=metrics["preservation"]["acc"], kept_drop=metrics["preservation"]["drop"],
         n=metrics["settings"]["n"], seed=metrics["settings"]["seed"], model_hash=metrics["model"]["hash"],
+        sampler=metrics["settings"].get("sampler"),
         metrics_file=str(metrics_file), metrics_sha256=file_sha256(metrics_file),
     )

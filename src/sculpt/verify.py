@@ -101,8 +101,12 @@ def _remeasure(report, run, entries, pipe, n, tolerance) -> None:
     start = entries[0]
     from sculpt.models.loading import load_pipeline
 
+    from sculpt.eval.sampling import SamplerSettings, default_sampler
+
     base = load_pipeline(start["base_model"], device=pipe.device)
-    settings = EvalSettings(n=n, seed=claim["seed"], paraphrases=False, unsafe=False, quality=False)
+    # The sampler the claim was measured with (older ledgers: the model's default).
+    sampler = SamplerSettings(**claim["sampler"]) if claim.get("sampler") else default_sampler(start["base_model"])
+    settings = EvalSettings(n=n, seed=claim["seed"], paraphrases=False, unsafe=False, quality=False, sampler=sampler)
     m = evaluate(model=start["base_model"], pipe=base, patches=[run / "patch.safetensors"], settings=settings,
                  cache=False)
     total, kept = m["forgetting"]["total_acc"], m["preservation"]["acc"]

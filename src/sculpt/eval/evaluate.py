@@ -284,6 +284,9 @@ def evaluate(
         "classifier": {"name": classifier.name, "path": getattr(classifier, "path", None)},
         "scorer": type(scorer).__name__ if scorer is not None else None,
         "settings": settings_dict(settings),
+        # The sampler as it ran (scheduler class and configuration included): pictures, and so every
+        # number here, depend on it; benchmarks/sampler_fidelity.py compares samplers on the emoji world.
+        "sampler": {k: v for k, v in settings.sampler.key_data(pipe).items() if k != "vae"},
         "seeds": {"class_prompts": settings.seeds(settings.n), "paraphrases": settings.seeds(settings.n_paraphrase),
                   "unsafe": settings.seeds(settings.n_unsafe), "reference_offset": settings.seed},
         "versions": versions(),
