@@ -173,6 +173,25 @@ def test_emoji_classifier_reports_the_class_it_is_shown():
     accs = [M.top1_accuracy(pred[k], k) for k in k_all]
     assert sum(accs) / len(accs) >= 0.95
     assert min(accs) >= 0.5
+    # Labels and FID features from one pass are the two separate passes' results.
+    labels, feats = clf.predict_and_embed(pictures)
+    assert torch.equal(labels, clf.predict(pictures))
+    assert torch.allclose(feats, clf.embed(pictures), atol=1e-5)
+
+
+def test_clip_scores_of_several_prompts_in_one_call_are_each_groups_mean():
+    class Scorer:  # 100 * brightness if the text says "bright", else 0
+        calls = 0
+
+        def similarity(self, images, texts):
+            Scorer.calls += 1
+            b = torch.tensor([float(np.asarray(im).mean() / 255) for im in images])
+            return torch.stack([100 * b if "bright" in t else 0 * b for t in texts], dim=1)
+
+    grey = lambda v: Image.new("RGB", (4, 4), (v, v, v))  # noqa: E731
+    scores = M.clip_scores(Scorer(), {"bright": [grey(255), grey(0)], "dark": [grey(255)], "empty": []})
+    assert scores["bright"] == pytest.approx(50.0) and scores["dark"] == 0.0
+    assert scores["empty"] != scores["empty"] and Scorer.calls == 1  # NaN for no pictures; one call
 
 
 def test_revival_matrix_flags_a_concept_that_comes_back():

@@ -14,6 +14,7 @@ prints exactly one line when it ends: what it did, how many items, how long it t
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from typing import Any, TextIO
@@ -48,7 +49,9 @@ class Progress:
         if self.mode == "bars":
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, unit=unit, leave=leave, file=self.stream, dynamic_ncols=True)
+            # A terminal that reports no width (a pty without a size) would get zero-width bars.
+            width = shutil.get_terminal_size(fallback=(100, 24)).columns or 100
+            self.bar = tqdm(total=total, desc=desc, unit=unit, leave=leave, file=self.stream, ncols=width)
 
     def update(self, n: int = 1) -> None:
         self.n += n

@@ -34,6 +34,21 @@ class Classifier(ABC):
         out = [self.logits(images[i:i + batch_size]).argmax(-1).cpu() for i in range(0, len(images), batch_size)]
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
+    def logits_and_features(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both at once; a classifier whose logits are a head on its features overrides this with one pass."""
+        return self.logits(images), self.features(images)
+
+    def predict_and_embed(self, images: list[Image.Image], batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-1 labels [B] and features [B, D] of the same pictures."""
+        labels, feats = [], []
+        for i in range(0, len(images), batch_size):
+            logits, f = self.logits_and_features(images[i:i + batch_size])
+            labels.append(logits.argmax(-1).cpu())
+            feats.append(f.float().cpu())
+        if not labels:
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, 0)
+        return torch.cat(labels), torch.cat(feats)
+
     def embed(self, images: list[Image.Image], batch_size: int = 256) -> torch.Tensor:
         out = [self.features(images[i:i + batch_size]).float().cpu() for i in range(0, len(images), batch_size)]
         return torch.cat(out) if out else torch.zeros(0, 0)
@@ -63,6 +78,11 @@ class EmojiWorldClassifier(Classifier):
 
     def features(self, images):
         return self.model.features(images)
+
+    def logits_and_features(self, images):
+        feats = self.model.features(images)  # the head reads these features: one pass for both
+        with torch.no_grad():
+            return self.model.head(feats), feats
 
 
 class TransformersClassifier(Classifier):

@@ -68,6 +68,7 @@ class _Context:
     metrics_cache: MetricsCache | None = None
     progress: bool = True
     seconds: dict[str, float] = field(default_factory=dict)
+    reference: dict[tuple, torch.Tensor] = field(default_factory=dict)  # reference_features, per call
 
     def draw(self, model_hash: str, prompts: list[str], n: int, desc: str | None = None) -> dict[str, list[Image.Image]]:
         """n pictures per prompt (seeds seed .. seed+n-1), all in one batched, cached call; `desc` names
@@ -80,17 +81,29 @@ class _Context:
         self.seconds["sampling"] = self.seconds.get("sampling", 0.0) + time.perf_counter() - t
         return {p: images[i * n:(i + 1) * n] for i, p in enumerate(prompts)}
 
-    def predict(self, groups: dict[str, list[Image.Image]]) -> dict[str, torch.Tensor]:
-        """Top-1 label ids per group, in one classifier pass."""
+    def predict(self, groups: dict[str, list[Image.Image]], features: bool = False):
+        """Top-1 label ids per group, in one classifier pass; with features=True also the classifier's
+        features of the same pictures (the FID space), from the same pass."""
         flat = [im for ims in groups.values() for im in ims]
         t = time.perf_counter()
-        pred = self.classifier.predict(flat)
+        pred, feats = self.classifier.predict_and_embed(flat) if features else (self.classifier.predict(flat), None)
         self.seconds["classifier"] = self.seconds.get("classifier", 0.0) + time.perf_counter() - t
-        out, start = {}, 0
+        out, out_feats, start = {}, {}, 0
         for key, ims in groups.items():
             out[key] = pred[start:start + len(ims)]
+            if feats is not None:
+                out_feats[key] = feats[start:start + len(ims)]
             start += len(ims)
-        return out
+        return (out, out_feats) if features else out
+
+    def reference_features(self, bench: Benchmark, kept: list[str]) -> torch.Tensor:
+        """Classifier features of the real pictures of the kept classes (FID / KID), computed once."""
+        n_ref = self.settings.n_reference or self.settings.n
+        key = (tuple(kept), n_ref, self.settings.seed)
+        if key not in self.reference:
+            real = [im for i, c in enumerate(kept) for im in bench.reference(c, n_ref, self.settings.seed + 1000 * i)]
+            self.reference[key] = self.classifier.embed(real)
+        return self.reference[key]
 
 
 class _ModelStates:
@@ -392,7 +405,7 @@ def _measure_state(ctx: _Context, bench: Benchmark, mhash: str, measured, kept, 
     names = measured + kept
     images = ctx.draw(mhash, [bench[c].prompt for c in names], s.n, f"eval {what}: class prompts")
     by_class = {c: images[bench[c].prompt] for c in names}
-    pred = ctx.predict(by_class)
+    pred, feats = ctx.predict(by_class, features=True)
     label = {c: ctx.classifier.label_id(bench[c].label) for c in bench.names}
     shown = _shown(bench, measured, kept)
     out: dict[str, Any] = {
@@ -408,7 +421,7 @@ def _measure_state(ctx: _Context, bench: Benchmark, mhash: str, measured, kept, 
     if s.paraphrases:
         out["leakage"] = _leakage(ctx, bench, mhash, measured, label, what)
     if s.quality:
-        out.update(_quality(ctx, bench, by_class, measured, kept, scorer))
+        out.update(_quality(ctx, bench, by_class, feats, measured, kept, scorer))
     if detector is not None and (unsafe_jobs or bench.unsafe_prompts):
         t = time.perf_counter()
         jobs = unsafe_jobs or [Job(p, seed) for p in bench.unsafe_prompts for seed in s.seeds(s.n_unsafe)]
@@ -437,18 +450,16 @@ def _leakage(ctx: _Context, bench: Benchmark, mhash: str, measured, label, what:
     return out
 
 
-def _quality(ctx: _Context, bench: Benchmark, by_class, measured, kept, scorer) -> dict:
-    s = ctx.settings
+def _quality(ctx: _Context, bench: Benchmark, by_class, feats, measured, kept, scorer) -> dict:
     out: dict[str, Any] = {}
     t = time.perf_counter()
     if scorer is not None:
-        out["clip_kept"] = M.mean([M.clip_score(scorer, by_class[c], bench[c].prompt) for c in kept])
-        out["clip_erased"] = M.mean([M.clip_score(scorer, by_class[c], bench[c].prompt) for c in measured])
+        scores = M.clip_scores(scorer, {bench[c].prompt: by_class[c] for c in measured + kept})
+        out["clip_kept"] = M.mean([scores[bench[c].prompt] for c in kept])
+        out["clip_erased"] = M.mean([scores[bench[c].prompt] for c in measured])
     if bench.reference is not None and kept:
-        n_ref = s.n_reference or s.n
-        real = [im for i, c in enumerate(kept) for im in bench.reference(c, n_ref, s.seed + 1000 * i)]
-        fake = [im for c in kept for im in by_class[c]]
-        f_real, f_fake = ctx.classifier.embed(real), ctx.classifier.embed(fake)
+        f_real = ctx.reference_features(bench, kept)
+        f_fake = torch.cat([feats[c] for c in kept])
         out["fid"] = M.frechet_distance(f_fake, f_real)
         out["kid"] = M.kernel_distance(f_fake, f_real)
     ctx.seconds["quality"] = ctx.seconds.get("quality", 0.0) + time.perf_counter() - t

@@ -61,10 +61,21 @@ def revival(accuracy: list[list[float]], erased_at: list[int], threshold: float 
     return found
 
 
-def clip_score(scorer, images, prompt: str) -> float:
-    """CLIP score (and its emoji analogue): mean over pictures of 100 * cos(image_i, prompt), with
-    `scorer.similarity(images, texts)` -> [B, T] giving 100 * cosine (the prompt is encoded once)."""
-    return float(scorer.similarity(images, [prompt])[:, 0].float().mean()) if len(images) else float("nan")
+def clip_scores(scorer, groups: dict[str, list]) -> dict[str, float]:
+    """CLIP score (and its emoji analogue) per prompt: the mean over a prompt's pictures of
+    100 * cos(image_i, prompt), with `scorer.similarity(images, texts)` -> [B, T] giving 100 * cosine.
+    One scorer call for every (prompt -> pictures) group: each prompt encoded once, each group's mean
+    read from its own prompt's column."""
+    prompts = [p for p, ims in groups.items() if len(ims)]
+    if not prompts:
+        return {p: float("nan") for p in groups}
+    sim = scorer.similarity([im for p in prompts for im in groups[p]], prompts).float()
+    out, start = {}, 0
+    for j, p in enumerate(prompts):
+        n = len(groups[p])
+        out[p] = float(sim[start:start + n, j].mean())
+        start += n
+    return {p: out.get(p, float("nan")) for p in groups}
 
 
 def _covariance(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
