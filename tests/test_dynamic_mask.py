@@ -92,3 +92,70 @@ def test_freeze_after_stage_takes_most_changed_entries():
     assert int(frozen["b.weight"].sum()) == 0  # nothing changed there: nothing frozen
     everything = mask.frozen_after_stage(start, fraction=1.0)
     assert int(everything["a.weight"].sum()) == 5
+
+
+def test_update_drops_the_least_important_active_and_grows_the_most_important_inactive():
+    params = {"w": nn.Parameter(torch.zeros(4, 5))}  # 20 entries
+    mask = DynamicMask(params, 0.5)
+    params["w"].grad = torch.arange(20, dtype=torch.float32).view(4, 5)
+    mask.accumulate()
+    mask.initialise()  # active: entries 10..19
+    assert mask.active["w"].flatten().nonzero().flatten().tolist() == list(range(10, 20))
+    # New importance: active entries 10, 11 least important, inactive 0, 1 most important.
+    imp = torch.full((20,), 5.0)
+    imp[10], imp[11], imp[0], imp[1] = 0.1, 0.2, 9.0, 8.0
+    params["w"].grad = imp.view(4, 5)
+    mask.accumulate()
+    turnover, dropped = mask.update(0.2)  # 2 of 10 active entries swap
+    active = set(mask.active["w"].flatten().nonzero().flatten().tolist())
+    assert active == {0, 1} | set(range(12, 20))
+    assert set(dropped["w"].flatten().nonzero().flatten().tolist()) == {10, 11}
+    assert turnover == 0.2
+
+
+def test_dropped_entries_stop_moving_at_once_though_adam_has_momentum():
+    """After a drop, an entry that is not grown back stays bit-identical: its gradient is masked and
+    its Adam moments are zeroed (without the reset, momentum keeps moving it for many steps)."""
+    from sculpt.methods.dynamic_mask import reset_optimizer_state
+
+    torch.manual_seed(0)
+    params = {"w": nn.Parameter(torch.randn(8, 8))}
+    opt = torch.optim.Adam(params.values(), lr=1e-2)
+    mask = DynamicMask(params, 0.5)
+
+    def step():
+        params["w"].grad = torch.randn(8, 8)
+        mask.accumulate()
+        mask.mask_gradients()
+        opt.step()
+
+    params["w"].grad = torch.randn(8, 8)
+    mask.accumulate()
+    mask.initialise()
+    for _ in range(5):
+        step()
+    _, dropped = mask.update(0.5)
+    reset_optimizer_state(opt, params, dropped)
+    at_drop = params["w"].detach().clone()
+    stayed_out = dropped["w"].clone()
+    for _ in range(5):
+        step()
+        stayed_out &= ~mask.active["w"]
+    assert stayed_out.any()
+    assert torch.equal(params["w"].detach()[stayed_out], at_drop[stayed_out])
+
+
+def test_a_parameter_without_gradient_is_an_error_not_dense_training():
+    import pytest
+
+    params = _params()
+    mask = DynamicMask(params, 0.5)
+    params["a.weight"].grad = torch.randn(16, 8)  # b.weight got no gradient: not trained through these objects
+    with pytest.raises(RuntimeError, match="b.weight"):
+        mask.accumulate()
+    params["b.weight"].grad = torch.randn(8, 8)
+    mask.accumulate()
+    mask.initialise()
+    params["b.weight"].grad = None
+    with pytest.raises(RuntimeError, match="b.weight"):
+        mask.mask_gradients()

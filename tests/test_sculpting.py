@@ -62,7 +62,7 @@ def test_weights_outside_the_mask_and_inside_the_freeze_mask_stay_bit_identical(
     assert sum(int(m.sum()) for m in seen[1][1].values()) > 0
 
 
-def _kd_grads(pipe, tmp_path, lambda_kd):
+def _kd_grads(pipe, tmp_path, lambda_kd, lambda_align=0.25, with_data=False):
     """Gradient of one step's loss, student moved away from the teacher, with fixed randomness."""
     from accelerate import Accelerator
     from sculpt.config import RunConfig
@@ -75,7 +75,7 @@ def _kd_grads(pipe, tmp_path, lambda_kd):
     data = [prepare_concept_data(pipe, c, cfg.data, 0, tmp_path / "cache", h) for c in cfg.concepts]
     ctx = StageContext(pipe=pipe, accelerator=Accelerator(cpu=True), index=1, concepts=[data[1]],
                        previous=[data[0]], seed=0)
-    method = Sculpting(SculptingConfig(lambda_kd=lambda_kd))
+    method = Sculpting(SculptingConfig(lambda_kd=lambda_kd, lambda_align=lambda_align))
     params = cross_attention_params(pipe.unet)
     teacher = {n: p.detach().clone() for n, p in params.items()}
     torch.manual_seed(0)
@@ -92,7 +92,7 @@ def _kd_grads(pipe, tmp_path, lambda_kd):
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(teacher[n])
-    return terms, grads
+    return (terms, grads, data) if with_data else (terms, grads)
 
 
 def test_distillation_changes_the_gradient(tmp_path, tiny_pipe):
@@ -103,10 +103,26 @@ def test_distillation_changes_the_gradient(tmp_path, tiny_pipe):
     assert any(not torch.allclose(on[n], off[n]) for n in on)
 
 
-def test_simultaneous_mode_is_one_stage(tmp_path, tiny_pipe):
+def test_simultaneous_mode_is_one_stage_that_trains_on_every_concept(tmp_path, tiny_pipe, monkeypatch):
+    from sculpt.stage import StageContext
+
+    drawn = []
+    real = StageContext.concept_batch
+
+    def concept_batch(self, n, data=None):
+        x, c, s = real(self, n, data)
+        drawn.append((self.index, [d.name for d in (data if data is not None else self.concepts)], c))
+        return x, c, s
+
+    monkeypatch.setattr(StageContext, "concept_batch", concept_batch)
     result = erase(tiny_spec(tmp_path, mode="simultaneous"), pipe=tiny_pipe, progress=False)
     assert len(result.stages) == 1 and result.stages[0]["concepts"] == ["cat", "car"]
     assert load_patch(result.patch_path).concepts == ["cat", "car"]
+    # One stage, nothing "earlier", and the concept batches hold both concepts' prompts.
+    assert {i for i, _, _ in drawn} == {0} and all(names == ["cat", "car"] for _, names, _ in drawn)
+    prompts = torch.cat([c for _, _, c in drawn])
+    distinct = torch.unique(prompts.flatten(1), dim=0)
+    assert len(distinct) >= 3  # cat, car and its synonym "automobile"
 
 
 def test_sequential_writes_one_cumulative_patch_per_stage(tmp_path, tiny_pipe):
@@ -143,6 +159,144 @@ def test_bf16_autocast_and_gradient_checkpointing_run(tmp_path, tiny_pipe):
     cfg = tiny_spec(tmp_path, concepts=[{"name": "cat", "superclass": "animal"}])
     cfg.train = TrainConfig(mixed_precision="bf16", gradient_checkpointing=True)
     before = _state(tiny_pipe)
-    result = erase(cfg, pipe=tiny_pipe, progress=False)
+    seen = []  # (dtype of a cross-attention output, checkpointing on) while training
+    to_q = next(m for n, m in tiny_pipe.unet.named_modules() if n.endswith("attn2.to_q"))
+    hook = to_q.register_forward_hook(lambda m, i, o: seen.append(
+        (o.dtype, tiny_pipe.unet.is_gradient_checkpointing)) if torch.is_grad_enabled() else None)
+    try:
+        result = erase(cfg, pipe=tiny_pipe, progress=False)
+    finally:
+        hook.remove()
+    assert seen and all(dtype == torch.bfloat16 and ckpt for dtype, ckpt in seen)
     assert result.patch.tensors and all(".attn2." in k for k in result.patch.tensors)
     assert all(t.dtype == before[k.removeprefix("unet.")].dtype for k, t in result.patch.tensors.items())
+
+
+def _run_with(method, cfg, pipe, monkeypatch):
+    """erase() with this method instance (to watch or steer it from the test)."""
+    from sculpt import erase as erase_mod
+
+    monkeypatch.setattr(erase_mod, "get_method", lambda name: (lambda config: method))
+    return erase(cfg, pipe=pipe, progress=False)
+
+
+def test_the_stage_ends_on_the_weights_of_its_best_epoch_not_its_last(tmp_path, tiny_pipe, monkeypatch):
+    """Epoch 1 of 3 is made the best by its logged L_f (the gradient is untouched): the stage must
+    end with the weights it had at the end of epoch 1."""
+    cfg = tiny_spec(tmp_path, concepts=[{"name": "cat", "superclass": "animal"}])
+    method = Sculpting(SculptingConfig(lr=1e-2, epochs=3, steps_per_epoch=4, warmup_steps=2, mask_update_every=4))
+    real_losses, calls, at_epoch_end = method.losses, [0], []
+
+    def losses(ctx, model, teacher):
+        terms = real_losses(ctx, model, teacher)
+        epoch = calls[0] // 4
+        calls[0] += 1
+        terms["L_f"] = terms["L_f"].detach() + (0.0 if epoch == 1 else 10.0)  # logged only: loss is computed
+        return terms
+
+    def on_step(record):
+        if record["step"] % 4 == 0:
+            at_epoch_end.append({n: p.detach().clone() for n, p in cross_attention_params(tiny_pipe.unet).items()})
+
+    method.losses = losses
+    real_fit = method.fit_stage
+
+    def fit(ctx):
+        ctx.on_step = on_step
+        return real_fit(ctx)
+
+    method.fit_stage = fit
+    result = _run_with(method, cfg, tiny_pipe, monkeypatch)
+    assert result.stages[0]["best_epoch"] == 1
+    final = cross_attention_params(tiny_pipe.unet)
+    assert all(torch.equal(final[n], at_epoch_end[1][n]) for n in final)
+    assert any(not torch.equal(final[n], at_epoch_end[2][n]) for n in final)  # the last epoch did move on
+
+
+def test_distillation_reads_a_frozen_teacher_inside_the_stage(tmp_path, tiny_pipe):
+    """L_kd compares the student with the weights of the stage's start: once the student moves it is
+    positive (a teacher that follows the live weights would keep it at exactly 0)."""
+    import json
+
+    result = erase(tiny_spec(tmp_path), pipe=tiny_pipe, progress=False)
+    records = [json.loads(line) for line in (result.output / "metrics.jsonl").read_text().splitlines()]
+    for stage in (0, 1):
+        kd = [r["L_kd"] for r in records if r["stage"] == stage]
+        assert kd[0] < max(kd[1:]) and max(kd) > 0, (stage, kd)
+
+
+def test_the_mask_inside_a_real_stage_follows_its_rules(tmp_path, tiny_pipe, monkeypatch):
+    """Watched through a whole stage: the initial mask is the top p of the warm-up importance; at every
+    drop/grow the inactive entries carry importance (gathered before the gradient is masked, or they
+    could never be chosen); an entry dropped and never grown back keeps its value to the end of the
+    stage (its Adam moments were zeroed when it was dropped)."""
+    from sculpt.methods.dynamic_mask import DynamicMask
+
+    events = []
+    real_init, real_update = DynamicMask.initialise, DynamicMask.update
+
+    def initialise(self):
+        imp = {n: v.clone() for n, v in self.importance.items()}
+        real_init(self)
+        events.append(("init", imp, {n: a.clone() for n, a in self.active.items()}))
+
+    def update(self, tau):
+        imp = {n: v.clone() for n, v in self.importance.items()}
+        inactive = {n: (~a & ~self.frozen[n]).clone() for n, a in self.active.items()}
+        turnover, dropped = real_update(self, tau)
+        values = {n: p.detach().clone() for n, p in self.params.items()}
+        events.append(("update", imp, inactive, dropped, {n: a.clone() for n, a in self.active.items()}, values))
+        return turnover, dropped
+
+    monkeypatch.setattr(DynamicMask, "initialise", initialise)
+    monkeypatch.setattr(DynamicMask, "update", update)
+    cfg = tiny_spec(tmp_path, concepts=[{"name": "cat", "superclass": "animal"}])
+    method = Sculpting(SculptingConfig(lr=1e-2, epochs=3, steps_per_epoch=8, warmup_steps=3, mask_update_every=4,
+                                       drop_ratio=0.3, mask_update_stop=1.0, select_best_epoch=False))
+    _run_with(method, cfg, tiny_pipe, monkeypatch)
+    weights = cross_attention_params(tiny_pipe.unet, biases=False)
+
+    _, imp, active = events[0]
+    for n in weights:
+        assert imp[n].sum() > 0, f"{n}: no warm-up importance"
+        assert imp[n][active[n]].min() >= imp[n][~active[n]].max(), f"{n}: initial mask is not the top p"
+    updates = [e for e in events if e[0] == "update"]
+    assert len(updates) == 6
+    for _, imp, inactive, _, _, _ in updates:
+        assert all(imp[n][inactive[n]].sum() > 0 for n in weights), "inactive entries gathered no importance"
+    stayed_out_total = 0
+    for k, (_, _, _, dropped, _, values) in enumerate(updates):
+        for n in weights:
+            out = dropped[n].clone()
+            for later in updates[k + 1:]:
+                out &= ~later[4][n]
+            stayed_out_total += int(out.sum())
+            assert torch.equal(weights[n].detach()[out], values[n][out]), f"{n}: a dropped entry kept moving"
+    assert stayed_out_total > 0
+
+
+def test_each_loss_term_reads_what_the_paper_says(tmp_path, tiny_pipe, monkeypatch):
+    """In one step of a second stage: the forget target is the model's own prediction under the
+    superclass prompt, without gradient (stop-gradient); the distillation teacher sees the superclass
+    images and the earlier concept's images under its own prompts; L_a and L_kd both shape the gradient."""
+    from sculpt.stage import StageContext
+
+    calls = []
+    real_predict, real_with = StageContext.predict, StageContext.predict_with
+    monkeypatch.setattr(StageContext, "predict", lambda self, model, x, t, emb: (
+        lambda out: (calls.append(("student", out.requires_grad, emb.detach().clone())), out)[1])(
+        real_predict(self, model, x, t, emb)))
+    monkeypatch.setattr(StageContext, "predict_with", lambda self, w, x, t, emb: (
+        calls.append(("teacher", False, emb.detach().clone())), real_with(self, w, x, t, emb))[1])
+    terms, grads, data = _kd_grads(tiny_pipe, tmp_path, 0.25, with_data=True)
+    (who0, grad0, emb0), (who1, grad1, emb1), (who2, _, emb2) = calls
+    B = SculptingConfig().batch_size
+    assert (who0, grad0) == ("student", True) and len(emb0) == 3 * B  # concept, superclass, earlier concept
+    assert (who1, grad1) == ("student", False)  # sg[eps(x_c, t; s)]
+    assert all(torch.equal(e, data[1].anchor_embeds[0]) for e in emb1)  # ... under the superclass prompt
+    assert who2 == "teacher" and len(emb2) == 2 * B
+    earlier = {tuple(e.flatten().tolist()[:8]) for e in data[0].prompt_embeds}
+    assert all(tuple(e.flatten().tolist()[:8]) in earlier for e in emb2[B:])  # the earlier concept's prompts
+
+    _, no_align, _ = _kd_grads(tiny_pipe, tmp_path, 0.25, lambda_align=0.0, with_data=True)
+    assert any(not torch.allclose(grads[n], no_align[n]) for n in grads)

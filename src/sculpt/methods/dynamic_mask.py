@@ -51,13 +51,18 @@ class DynamicMask:
 
     # -- importance ------------------------------------------------------------------------------
 
+    def _grad(self, n: str, p: nn.Parameter) -> torch.Tensor:
+        if p.grad is None:
+            # Training would go on without this mask (dense, or not at all): refuse instead.
+            raise RuntimeError(f"no gradient reached {n}: the Dynamic Mask cannot act on it (were the model's "
+                               "parameters replaced or wrapped after the mask was built?)")
+        return p.grad
+
     @torch.no_grad()
     def accumulate(self) -> None:
         """I += |grad| (out-of-place on a fresh tensor: the gradient buffer is never stored)."""
         for n, p in self.params.items():
-            if p.grad is None:
-                continue
-            g = p.grad.float()
+            g = self._grad(n, p).float()
             self.importance[n] += g if self.signed else g.abs()
 
     def _scores(self, n: str) -> torch.Tensor:
@@ -113,8 +118,7 @@ class DynamicMask:
     def mask_gradients(self) -> None:
         """grad <- M * grad, so only active entries move."""
         for n, p in self.params.items():
-            if p.grad is not None:
-                p.grad.mul_(self.active[n])
+            self._grad(n, p).mul_(self.active[n])
 
     def current_density(self) -> float:
         """Active entries / free entries, over all matrices."""
