@@ -47,9 +47,10 @@ MUTANTS = {
     # the method: loss and stage
     "reset-not-called": (METHOD, "reset_optimizer_state(optimizer, weights, dropped)", "pass"),
     "importance-after-masking": (METHOD,
-                                 "mask.accumulate()  # on the full gradient: inactive entries need importance to grow\n"
+                                 "    mask.accumulate()  # on the full gradient: inactive entries need importance to grow\n"
                                  "                mask.mask_gradients()",
-                                 "mask.mask_gradients()\n                mask.accumulate()"),
+                                 "    pass\n                mask.mask_gradients()\n                mask.accumulate()"),
+    "importance-stops-early": (METHOD, "if step < last_update:", "if step < last_update - cfg.mask_update_every:"),
     "last-epoch-kept": (METHOD, 'if not cfg.select_best_epoch or epoch_lf < best["L_f"]:', "if True:"),
     "live-teacher": (METHOD, "teacher = {n: p.detach().clone() for n, p in params.items()}",
                      "teacher = {n: p.detach() for n, p in params.items()}"),

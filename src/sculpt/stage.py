@@ -41,6 +41,7 @@ class StageContext:
     stop_flag: dict | None = None  # set to {"stop": True} by the Ctrl-C handler
     gradient_checkpointing: bool = False  # the run's `train.gradient_checkpointing`
     generator: torch.Generator = field(init=False)
+    _plain_unet: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         self.generator = torch.Generator().manual_seed(self.seed + 7919 * self.accelerator.process_index)
@@ -117,7 +118,9 @@ class StageContext:
     def predict_with(self, weights: dict[str, torch.Tensor], x_t, t, emb) -> torch.Tensor:
         """The same UNet with some tensors swapped (e.g. a frozen teacher's cross-attention), without
         keeping a second copy of the whole model in memory."""
-        unet = self.accelerator.unwrap_model(self.unet)
+        if self._plain_unet is None:  # unwrapped once per stage, not at every step
+            self._plain_unet = self.accelerator.unwrap_model(self.unet)
+        unet = self._plain_unet
         with self.accelerator.autocast():
             out = torch.func.functional_call(unet, weights, (x_t, t), {"encoder_hidden_states": emb})
         return out.sample.float()

@@ -21,6 +21,7 @@ masked-out weights move, which no comparison needs.)
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -145,13 +146,17 @@ class Sculpting(ErasureMethod):
         # 2. Masked optimisation with periodic drop/grow and best-epoch selection.
         best = {"L_f": float("inf"), "epoch": -1, "weights": None}
         turnover, step = 0.0, 0
+        # Drop/grow happens at multiples of K up to mask_update_stop of the stage; importance gathered
+        # after the last of them would never be read.
+        last_update = math.floor(cfg.mask_update_stop * total / cfg.mask_update_every) * cfg.mask_update_every
         for epoch in range(cfg.epochs):
             epoch_lf = 0.0
             for _ in range(cfg.steps_per_epoch):
                 terms = self.losses(ctx, model, teacher)
                 check_finite(**{k: v for k, v in terms.items() if k != "loss"})
                 ctx.accelerator.backward(terms["loss"])
-                mask.accumulate()  # on the full gradient: inactive entries need importance to grow
+                if step < last_update:
+                    mask.accumulate()  # on the full gradient: inactive entries need importance to grow
                 mask.mask_gradients()
                 optimizer.step()
                 lr_sched.step()
