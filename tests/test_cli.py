@@ -58,3 +58,13 @@ def test_not_a_pipeline_folder(tmp_path):
     r = sculpt("erase", "spec.yaml", "--output", "out", cwd=tmp_path)
     assert r.returncode == 2 and "not a diffusers pipeline folder" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_methods_lists_every_method_with_a_description(capsys):
+    from sculpt.cli import main
+    from sculpt.methods import available_methods
+
+    assert main(["methods"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":", 1)[0] for line in lines] == available_methods()
+    assert all(len(line.split(":", 1)[1].strip()) > 10 for line in lines), lines

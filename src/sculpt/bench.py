@@ -591,19 +591,19 @@ def write_tables(rows: list[dict], out: Path, command: str | None = None, title:
 def write_bench_report(out: Path, labels: list[str], rows: list[dict], title: str = "sculpt bench") -> Path:
     """out/report.html: sculpt.report's page over every method's evaluation (one column each, side by
     side grids, per-run sections), with the cost table added after the results table."""
-    from sculpt.report.html import _e, _unique_labels, load_source, render_html
+    from html import escape
+
+    from sculpt.report import load_source, render_html, unique_labels
 
     sources = [load_source(out / label / "eval") for label in labels]
-    _unique_labels(sources)
-    page = render_html(sources, title)
+    unique_labels(sources)
     cost = ["<h2>Cost</h2><table><tr><th>method</th><th>fit s</th><th>wall s</th><th>peak MB</th><th>memory</th></tr>"]
     for r in rows[1:]:
-        cost.append("<tr><th>" + _e(r["method"]) + "</th>" + "".join(
-            f"<td>{_e(_fmt(k, r.get(k)))}</td>" for k in COST_COLUMNS) + "</tr>")
+        cost.append("<tr><th>" + escape(str(r["method"])) + "</th>" + "".join(
+            f"<td>{escape(str(_fmt(k, r.get(k))))}</td>" for k in COST_COLUMNS) + "</tr>")
     cost.append("</table><p class=note>fit s: sum of per-stage seconds; wall s: the erase call with the shared "
                 "data already made; memory: what peak MB measures.</p>")
-    marker = "<h2>Side by side</h2>" if "<h2>Side by side</h2>" in page else "<section>"
-    page = page.replace(marker, "\n".join(cost) + "\n" + marker, 1)
+    page = render_html(sources, title, after_results="\n".join(cost))
     path = out / "report.html"
     path.write_text(page, encoding="utf-8")
     return path

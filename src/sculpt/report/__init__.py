@@ -4,6 +4,6 @@
     write_report(["runs/demo", "runs/esd/eval"], "report.html")
 """
 
-from sculpt.report.html import ReportError, load_source, render_html, write_report
+from sculpt.report.html import ReportError, load_source, render_html, unique_labels, write_report
 
-__all__ = ["ReportError", "load_source", "render_html", "write_report"]
+__all__ = ["ReportError", "load_source", "render_html", "unique_labels", "write_report"]

@@ -78,20 +78,24 @@ def write_report(sources: list[str | Path], out: str | Path = "report.html", tit
     if not sources:
         raise ReportError("nothing to report: give at least one run or evaluation folder")
     loaded = [load_source(s) for s in sources]
-    _unique_labels(loaded)
+    unique_labels(loaded)
     out = Path(out)
     atomic_write_text(out, render_html(loaded, title))
     out.chmod(0o644)  # a page to share (the atomic writer's temporary file is private)
     return out
 
 
-def render_html(sources: list[Source], title: str = "sculpt report") -> str:
+def render_html(sources: list[Source], title: str = "sculpt report", after_results: str = "") -> str:
+    """The page. `after_results`: HTML placed right after the results table (e.g. bench's cost table);
+    the caller escapes what it puts there."""
     parts = [f"<h1>{_e(title)}</h1>",
              f"<p class=note>generated {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M UTC}; "
              f"{len(sources)} source(s). Accuracies in %; arrows show the better direction.</p>"]
     evaluated = [s for s in sources if s.metrics]
     if evaluated:
         parts += ["<h2>Results</h2>", results_table(evaluated)]
+    if after_results:
+        parts.append(after_results)
     if len(evaluated) > 1:
         points = [(s.label, s.metrics["forgetting"]["total_acc"], s.metrics["preservation"]["acc"]) for s in evaluated]
         points = [p for p in points if p[1] is not None and p[2] is not None]
@@ -271,7 +275,8 @@ def _details(m: dict) -> str:
     return "\n".join(out)
 
 
-def _unique_labels(sources: list[Source]) -> None:
+def unique_labels(sources: list[Source]) -> None:
+    """Make the sources' labels distinct in place ("run", "run (2)", ...)."""
     seen: dict[str, int] = {}
     for s in sources:
         if s.label in seen:
