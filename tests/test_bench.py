@@ -27,12 +27,13 @@ def tiny_factory():
 
 def bench(tmp_path, methods=("uce", "sculpting"), presets=TINY, **kw):
     kw.setdefault("pipe_factory", tiny_factory)
+    kw.setdefault("echo", lambda line: None)
     return run_bench(
         list(methods), CONCEPTS, "tiny", tmp_path / "bench", presets=presets,
         data={"n_images": 4, "num_inference_steps": 2, "batch_size": 4, "cache_dir": str(tmp_path / "data")},
         eval_settings=toy_settings(n=4, n_revival=2, paraphrases=False, unsafe=False),
         benchmark=toy_benchmark(), classifier=StandInClassifier(), scorer=StandInScorer(), detector=False,
-        cache=tmp_path / "eval-cache", progress=False, echo=lambda line: None, **kw)
+        cache=tmp_path / "eval-cache", progress=False, **kw)
 
 
 def test_bench_writes_one_row_per_method_and_resumes(tmp_path, monkeypatch):
@@ -88,8 +89,11 @@ def test_bench_refuses_a_method_folder_holding_other_settings(tmp_path):
 
 
 def test_isolated_methods_run_in_their_own_process_with_their_peak_rss(tmp_path):
+    said = []
     rows = bench(tmp_path, methods=("uce",), pipe_factory=None, worker_factory="sculpt.models.tiny:tiny_pipeline",
-                 isolate=True)
+                 isolate=True, echo=said.append)
+    # The child's training-data progress reaches the parent's output, one line per concept.
+    assert [line.split(":")[2].strip() for line in said if line.startswith("bench: data: ")] == ["cat", "car"]
     r = rows[1]
     assert r["memory_measure"] == "peak RSS of its own process"
     assert 50 < r["peak_mem_mb"] < 4000  # a whole Python + torch process, not a delta
