@@ -134,3 +134,21 @@ def test_an_erase_run_logged_to_a_file_stays_small_and_line_based(tiny_pipe, tmp
     assert [p.split(":")[0] + ":" + p.split(":")[1] for p in phases] == [
         "data: cat", "data: car", "stage 1: cat", "stage 2: car"]
     assert len(err) < 2000
+
+
+def test_library_and_command_line_sample_the_same_way_by_default():
+    import argparse
+
+    from sculpt.eval.commands import add_sampler_arguments, sampler_from_args
+    from sculpt.eval.evaluate import EvalSettings
+    from sculpt.eval.sampling import EMOJI_SAMPLER
+
+    parser = argparse.ArgumentParser()
+    add_sampler_arguments(parser)
+    for model in ("emoji", "CompVis/stable-diffusion-v1-4"):
+        assert EvalSettings().for_model(model).sampler == sampler_from_args(parser.parse_args([]), model)
+    assert EvalSettings().for_model("emoji").sampler == EMOJI_SAMPLER
+    assert EvalSettings().for_model("./my-sd").sampler == SamplerSettings(steps=25, guidance=7.5)
+    given = SamplerSettings(steps=3)
+    assert EvalSettings(sampler=given).for_model("emoji").sampler is given
+    assert sampler_from_args(parser.parse_args(["--steps", "7"]), "emoji").steps == 7

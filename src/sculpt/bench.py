@@ -363,7 +363,7 @@ def run_bench(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     presets = presets or {}
-    settings = eval_settings or EvalSettings()
+    settings = (eval_settings or EvalSettings()).for_model(model)
     concepts = [_as_concept(c) for c in concepts]
     data_cfg = data if isinstance(data, DataConfig) else DataConfig(**(data or {}))
     if isolate is None:

@@ -51,8 +51,8 @@ def cmd_generate(args) -> int:
     images = generate(pipe, jobs, sampler, model_hash(pipe), desc="generate")
     rows = [images[k * args.n:(k + 1) * args.n] for k in range(len(args.prompt))]
     image_grid(rows, row_labels=args.prompt).save(args.out)
-    print(f"wrote {args.out} ({sampler.scheduler} scheduler, {sampler.steps} steps, guidance {sampler.guidance}, "
-          f"seeds {args.seed}..{args.seed + args.n - 1})")
+    print(f"wrote {args.out} ({type(sampler.make_scheduler(pipe)).__name__}, {sampler.steps} steps, "
+          f"{sampler.precision}, guidance {sampler.guidance}, seeds {args.seed}..{args.seed + args.n - 1})")
     return 0
 
 

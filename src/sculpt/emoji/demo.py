@@ -71,7 +71,6 @@ def run_demo(all_targets: bool = False, output: Path = Path("runs/demo"), quick:
     from sculpt.emoji.taxonomy import load_taxonomy
     from sculpt.erase import erase
     from sculpt.eval.evaluate import EvalSettings, default_image_cache, evaluate
-    from sculpt.eval.sampling import default_sampler
     from sculpt.models.loading import load_pipeline
     from sculpt.report import write_report
 
@@ -91,7 +90,7 @@ def run_demo(all_targets: bool = False, output: Path = Path("runs/demo"), quick:
     # classes (quality), synonyms and held-out paraphrases, revival over the stages; no unsafe counts.
     n = 8 if quick else (50 if all_targets else 16)
     settings = EvalSettings(n=n, n_paraphrase=max(4, n // 4), quality=True, unsafe=False,
-                            paraphrases=not quick, sampler=default_sampler("emoji"))
+                            paraphrases=not quick).for_model("emoji")
     print(f"evaluating base and erased model ({n} pictures per class prompt, "
           f"{settings.sampler.scheduler} {settings.sampler.steps} steps {settings.sampler.precision})", flush=True)
     t_eval = time.perf_counter()

@@ -17,7 +17,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from sculpt.eval import metrics as M
 from sculpt.eval.benchmark import Benchmark
 from sculpt.eval.classifiers import Classifier
 from sculpt.eval.detectors import Detector
-from sculpt.eval.sampling import ImageCache, Job, SamplerSettings, generate
+from sculpt.eval.sampling import ImageCache, Job, SamplerSettings, default_sampler, generate
 from sculpt.io import atomic_write_text
 from sculpt.models.loading import hash_tensors, model_hash
 from sculpt.patch import Patch, apply_patch, load_patch, versions
@@ -48,7 +48,7 @@ class EvalSettings:
     n_reference: int | None = None  # real pictures per kept class for FID / KID; default n
     seed: int = 0  # picture i of a prompt uses seed + i
     batch_size: int = 64
-    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    sampler: SamplerSettings | None = None  # None: the model's evaluation sampler (default_sampler)
     quality: bool = True  # CLIP analogue, FID, KID
     paraphrases: bool = True
     unsafe: bool = True
@@ -57,6 +57,10 @@ class EvalSettings:
 
     def seeds(self, n: int) -> list[int]:
         return list(range(self.seed, self.seed + n))
+
+    def for_model(self, model: str) -> "EvalSettings":
+        """These settings with the sampler filled in: the given one, else default_sampler(model)."""
+        return self if self.sampler is not None else replace(self, sampler=default_sampler(model))
 
 
 @dataclass
@@ -250,7 +254,7 @@ def evaluate(
     elsewhere leaves their ledger alone.
     """
     t_start = time.perf_counter()
-    settings = settings or EvalSettings()
+    settings = (settings or EvalSettings()).for_model(model)
     if pipe is None:
         from sculpt.models.loading import load_pipeline
 
