@@ -40,6 +40,7 @@ def cmd_apply(args) -> int:
 
 def cmd_generate(args) -> int:
     from sculpt.eval.commands import sampler_from_args
+    from sculpt.eval.evaluate import default_image_cache
     from sculpt.eval.sampling import Job, generate
     from sculpt.models.loading import model_hash
     from sculpt.report.images import image_grid
@@ -48,7 +49,8 @@ def cmd_generate(args) -> int:
     # The evaluation's sampler and seeds: picture i of a prompt is the one `sculpt eval` classified.
     sampler = sampler_from_args(args, args.model)
     jobs = [Job(prompt, args.seed + i) for prompt in args.prompt for i in range(args.n)]
-    images = generate(pipe, jobs, sampler, model_hash(pipe), desc="generate")
+    cache = None if args.no_cache else default_image_cache()  # the evaluation's pictures, when it drew them
+    images = generate(pipe, jobs, sampler, model_hash(pipe), cache, desc="generate")
     rows = [images[k * args.n:(k + 1) * args.n] for k in range(len(args.prompt))]
     image_grid(rows, row_labels=args.prompt).save(args.out)
     print(f"wrote {args.out} ({type(sampler.make_scheduler(pipe)).__name__}, {sampler.steps} steps, "
@@ -108,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampler_arguments(g)  # defaults: the model's evaluation sampler
     g.add_argument("--size", type=int, help="picture size in pixels (default: the model's)")
     g.add_argument("--seed", type=int, default=0, help="picture i of each prompt uses seed + i")
+    g.add_argument("--no-cache", action="store_true", help="draw every picture afresh (default: read and fill "
+                                                            "the picture cache that evaluation uses)")
     g.add_argument("--out", default="samples.png")
     g.add_argument("--force", action="store_true")
     g.add_argument("--device", default="auto")
