@@ -40,11 +40,14 @@ def test_metadata_records_provenance(run):
     assert len(meta["base_hash"]) == 64 and meta["versions"]["torch"] == torch.__version__
 
 
-def test_stacked_patches_apply_in_order_only(run, tmp_path):
+def test_stacked_patches_apply_in_order_only(run, tmp_path, caplog):
     # a second run that starts from the first one's result
     spec = tiny_spec(tmp_path, concepts=[{"name": "tree", "superclass": "plant"}])
     spec.patches = [str(run.patch_path)]
-    second = erase(spec, pipe=tiny_pipeline(), progress=False)
+    with caplog.at_level("WARNING", logger="sculpt"):
+        second = erase(spec, pipe=tiny_pipeline(), progress=False)
+    # What a stacked run does not carry over is said, not left to be found out.
+    assert any("freeze mask" in r.getMessage() and "not carried over" in r.getMessage() for r in caplog.records)
     fresh = tiny_pipeline()
     with pytest.raises(PatchError, match="made on another model") as exc:
         apply_patch(fresh, load_patch(second.patch_path))

@@ -128,7 +128,10 @@ class RunConfig(_Strict):
     model: str = Field(description="'emoji', a local diffusers folder, a Hub id or a .safetensors file.")
     output: str | None = Field(None, description="Output folder; default: runs/<spec file name>.")
     patches: list[str] = Field(
-        default_factory=list, description="Patches applied to the model before this run (stacking runs)."
+        default_factory=list,
+        description="Patches applied to the model before this run (stacking runs). The new run starts "
+                    "from their weights only: the earlier run's freeze mask and its concepts' distillation "
+                    "are not carried over (one run over every concept keeps both).",
     )
     mode: Literal["sequential", "simultaneous"] = "sequential"
     seed: int = 0

@@ -193,6 +193,10 @@ def erase(cfg: RunConfig, pipe=None, progress: bool = True) -> EraseResult:
     pipe.set_progress_bar_config(disable=True)
     if cfg.patches:
         apply_patches(pipe, cfg.patches)
+        # Not carried over yet (issue 11): say so, rather than let an earlier erasure weaken silently.
+        log.warning("stacking on %d patch(es): their weights are the start, but the earlier run's freeze mask "
+                    "and the distillation of its concepts are not carried over; a single run over all "
+                    "concepts keeps both", len(cfg.patches))
     check_image_size(pipe, image_size(pipe, cfg.data))
     (out / "stages").mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(out / "erase.log")
