@@ -92,12 +92,12 @@ def generate_latents(
     settings = SamplerSettings(steps=cfg.num_inference_steps, guidance=cfg.guidance_scale, size=size)
     embeds = PromptEmbeddings(pipe)
     shape = (pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
+    dtype = pipe.text_encoder.dtype if pipe.text_encoder is not None else pipe.unet.dtype  # as the pipeline draws it
     latents = []
     for start in range(0, cfg.n_images, cfg.batch_size):
         n = min(cfg.batch_size, cfg.n_images - start)
         batch_prompts = [prompts[(start + j) % len(prompts)] for j in range(n)]
         generator = torch.Generator(pipe.device).manual_seed(seed + start)
-        dtype = pipe.text_encoder.dtype if pipe.text_encoder is not None else pipe.unet.dtype  # as the pipeline draws it
         noise = torch.randn((n, *shape), generator=generator, device=pipe.device, dtype=dtype)
         uncond = embeds([negative or ""] * n) if cfg.guidance_scale > 1 else None
         images = denoise(pipe, noise, embeds(batch_prompts), uncond, cfg.guidance_scale, settings)  # [n, 3, H, W] in [0, 1]

@@ -73,6 +73,11 @@ class _Context:
     progress: bool = True
     seconds: dict[str, float] = field(default_factory=dict)
     reference: dict[tuple, torch.Tensor] = field(default_factory=dict)  # reference_features, per call
+    sampler_key: dict = field(init=False)  # settings.sampler.key_data(pipe): the VAE is hashed once per call
+    identity: dict = field(default_factory=dict)  # what every state's metrics key shares, once per call
+
+    def __post_init__(self):
+        self.sampler_key = self.settings.sampler.key_data(self.pipe)
 
     def draw(self, model_hash: str, prompts: list[str], n: int, desc: str | None = None) -> dict[str, list[Image.Image]]:
         """n pictures per prompt (seeds seed .. seed+n-1), all in one batched, cached call; `desc` names
@@ -81,7 +86,7 @@ class _Context:
         jobs = [Job(p, s) for p in prompts for s in self.settings.seeds(n)]
         t = time.perf_counter()
         images = generate(self.pipe, jobs, self.settings.sampler, model_hash, self.cache, self.settings.batch_size,
-                          desc=desc if self.progress else None)
+                          desc=desc if self.progress else None, sampler_key=self.sampler_key)
         self.seconds["sampling"] = self.seconds.get("sampling", 0.0) + time.perf_counter() - t
         return {p: images[i * n:(i + 1) * n] for i, p in enumerate(prompts)}
 
@@ -180,10 +185,19 @@ def fingerprint(obj: Any, _depth: int = 0) -> str | None:
 
 
 def _metrics_key(ctx: _Context, bench: Benchmark, mhash: str, measured, kept, scorer, detector, unsafe_jobs) -> str | None:
-    """Everything a state's measurements depend on; None when something cannot be identified."""
+    """Everything a state's measurements depend on; None when something cannot be identified. All
+    but the weights' hash is the same for every state of one call: fingerprinted once (ctx.identity)."""
+    if not ctx.identity:
+        ctx.identity.update(_measurement_identity(ctx, bench, measured, kept, scorer, detector, unsafe_jobs))
+    if any(v is None for v in ctx.identity.values()):
+        return None
+    return hashlib.sha256(json.dumps({**ctx.identity, "model": mhash}, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _measurement_identity(ctx: _Context, bench: Benchmark, measured, kept, scorer, detector, unsafe_jobs) -> dict:
     s = ctx.settings
     parts = {
-        "version": METRICS_VERSION, "model": mhash, "sampler": s.sampler.key_data(ctx.pipe),
+        "version": METRICS_VERSION, "sampler": ctx.sampler_key,
         "settings": {k: v for k, v in settings_dict(s).items() if k not in ("sampler", "batch_size", "grid_pictures")},
         "measured": list(measured), "kept": list(kept),
         "benchmark": {"name": bench.name, "classes": [asdict(c) for c in bench.classes],
@@ -196,9 +210,7 @@ def _metrics_key(ctx: _Context, bench: Benchmark, mhash: str, measured, kept, sc
     if s.unsafe and detector is not None:
         parts["detector"] = fingerprint(detector)
         parts["unsafe_jobs"] = [asdict(j) for j in unsafe_jobs or []]
-    if any(v is None for v in parts.values()):
-        return None
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    return parts
 
 
 def _file_sha256(path: Path) -> str:
@@ -303,7 +315,7 @@ def evaluate(
         "settings": settings_dict(settings),
         # The sampler as it ran (scheduler class and configuration included): pictures, and so every
         # number here, depend on it; benchmarks/sampler_fidelity.py compares samplers on the emoji world.
-        "sampler": {k: v for k, v in settings.sampler.key_data(pipe).items() if k != "vae"},
+        "sampler": {k: v for k, v in ctx.sampler_key.items() if k != "vae"},
         "seeds": {"class_prompts": settings.seeds(settings.n), "paraphrases": settings.seeds(settings.n_paraphrase),
                   "unsafe": settings.seeds(settings.n_unsafe), "reference_offset": settings.seed},
         "versions": versions(),
@@ -430,7 +442,7 @@ def _measure_state(ctx: _Context, bench: Benchmark, mhash: str, measured, kept, 
         t = time.perf_counter()
         jobs = unsafe_jobs or [Job(p, seed) for p in bench.unsafe_prompts for seed in s.seeds(s.n_unsafe)]
         pics = generate(ctx.pipe, jobs, s.sampler, mhash, ctx.cache, s.batch_size,
-                        desc=f"eval {what}: unsafe prompts" if ctx.progress else None)
+                        desc=f"eval {what}: unsafe prompts" if ctx.progress else None, sampler_key=ctx.sampler_key)
         out["unsafe"] = M.count_detections(detector.detect(pics), detector.classes, detector.threshold)
         out["unsafe"]["images"] = len(pics)
         out["unsafe_setup"] = {**detector.settings(), "prompts": len({j.prompt for j in jobs}),

@@ -201,10 +201,12 @@ def generate(
     cache: ImageCache | None = None,
     batch_size: int = 64,
     desc: str | None = None,
+    sampler_key: dict | None = None,
 ) -> list[Image.Image]:
     """Pictures for `jobs`, in order: read from the cache, the missing ones drawn in batches.
-    `desc` names the phase in the progress output (nothing is shown without it)."""
-    sampler = settings.key_data(pipe)
+    `desc` names the phase in the progress output (nothing is shown without it); `sampler_key` is
+    settings.key_data(pipe) when the caller already has it (it hashes the VAE's weights)."""
+    sampler = sampler_key if sampler_key is not None else settings.key_data(pipe)
     keys = [image_key(model_hash, j.prompt, j.seed, {**sampler, "guidance": _guidance(j, settings)}) for j in jobs]
     images: list[Image.Image | None] = [cache.get(model_hash, k) if cache else None for k in keys]
     missing = [i for i, im in enumerate(images) if im is None]
