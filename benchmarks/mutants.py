@@ -1,5 +1,5 @@
-"""Would the tests notice if the method broke? Named mutants of the Dynamic Mask and the method's
-loss / stage code, each applied alone, with the tests that cover them run against it.
+"""Would the tests notice if the method broke? Named mutants of the Dynamic Mask, the method's
+loss / stage code, the fp16 plumbing and run stacking, each applied alone, with the tests that cover them run against it.
 
     python benchmarks/mutants.py [--only NAME ...] [--list]
 
@@ -19,6 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MASK = "src/sculpt/methods/dynamic_mask.py"
 METHOD = "src/sculpt/methods/sculpting.py"
+STAGE = "src/sculpt/stage.py"
+ERASE = "src/sculpt/erase.py"
 TESTS = ["tests/test_dynamic_mask.py", "tests/test_sculpting.py"]
 
 # name: (file, original snippet, mutated snippet)
@@ -50,7 +52,7 @@ MUTANTS = {
                                  "    mask.accumulate()  # on the full gradient: inactive entries need importance to grow\n"
                                  "                mask.mask_gradients()",
                                  "    pass\n                mask.mask_gradients()\n                mask.accumulate()"),
-    "importance-stops-early": (METHOD, "if step < last_update:", "if step < last_update - cfg.mask_update_every:"),
+    "importance-stops-early": (METHOD, "if i <= last_read and", "if i <= last_read - cfg.mask_update_every and"),
     "last-epoch-kept": (METHOD, 'if not cfg.select_best_epoch or epoch_lf < best["L_f"]:', "if True:"),
     "live-teacher": (METHOD, "teacher = {n: p.detach().clone() for n, p in params.items()}",
                      "teacher = {n: p.detach() for n, p in params.items()}"),
@@ -59,12 +61,37 @@ MUTANTS = {
     "no-align-term": (METHOD, 'cfg.lambda_align * out["L_a"]', '0.0 * out["L_a"]'),
     "no-kd-term": (METHOD, 'cfg.lambda_kd * out["L_kd"]', '0.0 * out["L_kd"]'),
     "kd-skips-earlier-concepts": (METHOD, "if use_kd and ctx.previous:", "if False:"),
-    "concept-maps-to-itself": (METHOD, "target_f = ctx.predict(model, xt_c, t.expand(B), s_c)",
-                               "target_f = ctx.predict(model, xt_c, t.expand(B), c)"),
+    "concept-maps-to-itself": (METHOD, "target_f = ctx.predict(model, xt_c, t, s_c)",
+                               "target_f = ctx.predict(model, xt_c, t, c)"),
     "no-freeze-after-stage": (METHOD, "self.frozen = {n: m.cpu() for n, m in mask.frozen_after_stage(teacher, cfg.freeze_fraction).items()}",
                               "self.frozen = {}"),
-    "no-warmup-importance": (METHOD, "            ctx.accelerator.backward(self.warmup_loss(ctx, model))\n            mask.accumulate()",
-                             "            ctx.accelerator.backward(self.warmup_loss(ctx, model))"),
+    "no-warmup-importance": (METHOD, "                if ctx.unscale_gradients(optimizer):\n                    mask.accumulate()",
+                             "                if ctx.unscale_gradients(optimizer):\n                    pass"),
+    # timesteps, sampling, schedule (issue 11)
+    "one-timestep-per-step": (METHOD, "t = ctx.timesteps(B)  # t_i", "t = ctx.timesteps(1).expand(B)  # t_i"),
+    "batches-not-paired": (METHOD, "pred = ctx.predict(model, x_in, t.repeat(len(inputs)), torch.cat(conds))",
+                           "pred = ctx.predict(model, x_in, ctx.timesteps(len(x_in)), torch.cat(conds))"),
+    "warmup-one-timestep": (METHOD, "        t = ctx.timesteps(len(x_c))\n        noise",
+                            "        t = ctx.timesteps(1).expand(len(x_c))\n        noise"),
+    "sampling-with-replacement": (METHOD, "x_c, c, s_c = ctx.concept_batch(B, replace=False)",
+                                  "x_c, c, s_c = ctx.concept_batch(B, replace=True)"),
+    "turnover-per-step": (METHOD, "return drop_ratio(e, E, cfg.drop_ratio) if",
+                          "return drop_ratio(s, E * S, cfg.drop_ratio) if"),
+    "updates-never-stop": (METHOD, "if s % K == 0 and e < stop else None", "if s % K == 0 else None"),
+    "reference-warmup-outside": (METHOD, "    if cfg.reference:\n        return [Tick(",
+                                 "    if False:\n        return [Tick("),
+    # fp16 loss scaling
+    "overflow-enters-importance": (METHOD, "if i <= last_read and ctx.unscale_gradients(optimizer):",
+                                   "if i <= last_read and (ctx.unscale_gradients(optimizer) or True):"),
+    "warmup-scaler-never-updates": (STAGE, "        if scaler is not None:\n            scaler.update()",
+                                    "        if scaler is not None:\n            pass"),
+    "importance-on-scaled-grads": (STAGE, "        scaler.unscale_(getattr(optimizer, \"optimizer\", optimizer))\n",
+                                   "\n"),
+    # stacking runs
+    "stack-drops-freeze-mask": (ERASE, "        method.load_state_dict(stack.method_state)\n",
+                                "        pass\n"),
+    "stack-drops-distillation": (ERASE, "previous=[data[n] for n in carried + done]", "previous=[data[n] for n in done]"),
+    "stack-restarts-seeds": (ERASE, "seed=cfg.seed + 1000 * (stack.stages + i)", "seed=cfg.seed + 1000 * i"),
 }
 
 

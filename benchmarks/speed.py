@@ -168,14 +168,14 @@ def _memory_child(mode: str) -> dict:
             self.noise_scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
             self.g = torch.Generator().manual_seed(0)
 
-        def concept_batch(self, n, data=None):
+        def concept_batch(self, n, data=None, replace=True):
             return torch.randn(n, 4, 64, 64, generator=self.g), torch.randn(n, 77, 768), torch.randn(n, 77, 768)
 
-        def anchor_batch(self, n, data=None):
+        def anchor_batch(self, n, data=None, replace=True):
             return torch.randn(n, 4, 64, 64, generator=self.g), torch.randn(n, 77, 768)
 
-        def timesteps(self, n, shared=True):
-            return torch.randint(0, 1000, (1,), generator=self.g).expand(n)
+        def timesteps(self, n):
+            return torch.randint(0, 1000, (n,), generator=self.g)
 
         def noise_like(self, x):
             return torch.randn(x.shape, generator=self.g)

@@ -40,20 +40,30 @@ def test_metadata_records_provenance(run):
     assert len(meta["base_hash"]) == 64 and meta["versions"]["torch"] == torch.__version__
 
 
-def test_stacked_patches_apply_in_order_only(run, tmp_path, caplog):
+def test_stacked_patches_apply_in_order_only(run, tmp_path):
     # a second run that starts from the first one's result
     spec = tiny_spec(tmp_path, concepts=[{"name": "tree", "superclass": "plant"}])
     spec.patches = [str(run.patch_path)]
-    with caplog.at_level("WARNING", logger="sculpt"):
-        second = erase(spec, pipe=tiny_pipeline(), progress=False)
-    # What a stacked run does not carry over is said, not left to be found out.
-    assert any("freeze mask" in r.getMessage() and "not carried over" in r.getMessage() for r in caplog.records)
+    second = erase(spec, pipe=tiny_pipeline(), progress=False)
+    # The second patch knows everything erased so far (a third run keeps distilling all of it).
+    erased = [e["concept"]["name"] for e in load_patch(second.patch_path).metadata["erased"]]
+    assert erased == [*run.patch.concepts, "tree"]
     fresh = tiny_pipeline()
     with pytest.raises(PatchError, match="made on another model") as exc:
         apply_patch(fresh, load_patch(second.patch_path))
     assert load_patch(second.patch_path).metadata["base_hash"][:16] in str(exc.value)
     apply_patches(fresh, [run.patch_path, second.patch_path])
     assert model_hash(fresh) == model_hash(second.pipe)
+
+
+def test_a_stacked_run_refuses_a_concept_its_patches_already_erased(run, tmp_path):
+    from sculpt.erase import RunError
+
+    spec = tiny_spec(tmp_path, concepts=[{"name": run.patch.concepts[0], "superclass": "plant"}])
+    spec.patches = [str(run.patch_path)]
+    with pytest.raises(RunError, match=f"already erased.*{run.patch.concepts[0]}"):
+        erase(spec, pipe=tiny_pipeline(), progress=False)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_wrong_base_refused_unless_forced(run):

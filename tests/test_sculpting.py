@@ -62,10 +62,9 @@ def test_weights_outside_the_mask_and_inside_the_freeze_mask_stay_bit_identical(
     assert sum(int(m.sum()) for m in seen[1][1].values()) > 0
 
 
-def _kd_grads(pipe, tmp_path, lambda_kd, lambda_align=0.25, with_data=False):
-    """Gradient of one step's loss, student moved away from the teacher, with fixed randomness."""
+def _second_stage(pipe, tmp_path, accelerator=None):
+    """A StageContext for the second stage (car, after cat) of the tiny spec, and its data."""
     from accelerate import Accelerator
-    from sculpt.config import RunConfig
     from sculpt.data.prepare import prepare_concept_data
     from sculpt.models.loading import model_hash
     from sculpt.stage import StageContext
@@ -73,8 +72,14 @@ def _kd_grads(pipe, tmp_path, lambda_kd, lambda_align=0.25, with_data=False):
     cfg = tiny_spec(tmp_path)
     h = model_hash(pipe)
     data = [prepare_concept_data(pipe, c, cfg.data, 0, tmp_path / "cache", h) for c in cfg.concepts]
-    ctx = StageContext(pipe=pipe, accelerator=Accelerator(cpu=True), index=1, concepts=[data[1]],
+    ctx = StageContext(pipe=pipe, accelerator=accelerator or Accelerator(cpu=True), index=1, concepts=[data[1]],
                        previous=[data[0]], seed=0)
+    return ctx, data
+
+
+def _kd_grads(pipe, tmp_path, lambda_kd, lambda_align=0.25, with_data=False):
+    """Gradient of one step's loss, student moved away from the teacher, with fixed randomness."""
+    ctx, data = _second_stage(pipe, tmp_path)
     method = Sculpting(SculptingConfig(lambda_kd=lambda_kd, lambda_align=lambda_align))
     params = cross_attention_params(pipe.unet)
     teacher = {n: p.detach().clone() for n, p in params.items()}
@@ -109,8 +114,8 @@ def test_simultaneous_mode_is_one_stage_that_trains_on_every_concept(tmp_path, t
     drawn = []
     real = StageContext.concept_batch
 
-    def concept_batch(self, n, data=None):
-        x, c, s = real(self, n, data)
+    def concept_batch(self, n, data=None, replace=True):
+        x, c, s = real(self, n, data, replace)
         drawn.append((self.index, [d.name for d in (data if data is not None else self.concepts)], c))
         return x, c, s
 
@@ -300,3 +305,210 @@ def test_each_loss_term_reads_what_the_paper_says(tmp_path, tiny_pipe, monkeypat
 
     _, no_align, _ = _kd_grads(tiny_pipe, tmp_path, 0.25, lambda_align=0.0, with_data=True)
     assert any(not torch.allclose(grads[n], no_align[n]) for n in grads)
+
+
+def test_each_sample_has_its_own_timestep_shared_by_its_concept_superclass_and_earlier_batches(tmp_path, tiny_pipe,
+                                                                                              monkeypatch):
+    """As the authors' script pairs its batches: item i of the concept, superclass and earlier-concept
+    batches is noised at the same t_i, and the t_i differ; the forget target and the teacher see the
+    same t; the warm-up draws one t per sample too."""
+    from sculpt.stage import StageContext
+
+    ctx, _ = _second_stage(tiny_pipe, tmp_path)
+    seen = []
+    real_predict, real_with = StageContext.predict, StageContext.predict_with
+    monkeypatch.setattr(StageContext, "predict", lambda self, m, x, t, e: (seen.append(t.clone()), real_predict(
+        self, m, x, t, e))[1])
+    monkeypatch.setattr(StageContext, "predict_with", lambda self, w, x, t, e: (seen.append(t.clone()), real_with(
+        self, w, x, t, e))[1])
+    B = 8
+    method = Sculpting(SculptingConfig(batch_size=B))
+    params = cross_attention_params(tiny_pipe.unet)
+    method.losses(ctx, tiny_pipe.unet, {n: p.detach().clone() for n, p in params.items()})
+    student, target, teacher = seen
+    t = student[:B]
+    assert len(set(t.tolist())) > 1, "one timestep for the whole batch"
+    assert torch.equal(student, t.repeat(3)) and torch.equal(target, t) and torch.equal(teacher, t.repeat(2))
+    seen.clear()
+    method.warmup_loss(ctx, tiny_pipe.unet)
+    assert len(seen[0]) == B and len(set(seen[0].tolist())) > 1
+
+
+def test_an_epoch_sees_every_image_once(tmp_path, tiny_pipe, monkeypatch):
+    """Images are drawn without replacement: n_images / B steps show each concept image and each
+    superclass image exactly once (the authors' shuffled DataLoader; an epoch is a pass over the data)."""
+    from sculpt.stage import StageContext
+
+    ctx, data = _second_stage(tiny_pipe, tmp_path)
+    drawn = {"concept": [], "anchor": []}
+    real_c, real_a = StageContext.concept_batch, StageContext.anchor_batch
+
+    def concept_batch(self, n, d=None, replace=True):
+        out = real_c(self, n, d, replace)
+        if d is None:
+            drawn["concept"].append(out[0])
+        return out
+
+    def anchor_batch(self, n, d=None, replace=True):
+        out = real_a(self, n, d, replace)
+        drawn["anchor"].append(out[0])
+        return out
+
+    monkeypatch.setattr(StageContext, "concept_batch", concept_batch)
+    monkeypatch.setattr(StageContext, "anchor_batch", anchor_batch)
+    B, n = 2, len(data[1].latents)
+    method = Sculpting(SculptingConfig(batch_size=B))
+    teacher = {k: p.detach().clone() for k, p in cross_attention_params(tiny_pipe.unet).items()}
+    with torch.no_grad():
+        for _ in range(n // B):
+            method.losses(ctx, tiny_pipe.unet, teacher)
+    for kind, images in (("concept", data[1].latents), ("anchor", data[1].anchor_latents)):
+        got = torch.cat(drawn[kind])
+        assert len(got) == n
+        assert all(int((got == images[i]).flatten(1).all(1).sum()) == 1 for i in range(n)), kind
+
+
+def test_the_turnover_decays_per_epoch_as_published():
+    """Published settings (E=10, S=50, W=50, K=100, tau_0=0.2): after optimiser steps 100..400 (epochs
+    1, 3, 5, 7) tau = 0.195, 0.159, 0.100, 0.041; nothing from epoch 8 on. The authors' script
+    (reference) counts the warm-up as the first 50 of its 500 steps: 450 optimiser steps, same taus."""
+    from sculpt.methods.sculpting import stage_schedule
+
+    paper = stage_schedule(SculptingConfig())
+    assert [t.warmup for t in paper[:51]] == [True] * 50 + [False] and len(paper) == 550
+    updates = [(i - 50 + 1, round(t.tau, 3)) for i, t in enumerate(paper) if t.tau is not None]
+    assert updates == [(100, 0.195), (200, 0.159), (300, 0.1), (400, 0.041)]
+    authors = stage_schedule(SculptingConfig(reference=True))
+    assert len(authors) == 500 and sum(not t.warmup for t in authors) == 450 and all(t.warmup for t in authors[:50])
+    assert [(i + 1, round(t.tau, 3)) for i, t in enumerate(authors) if t.tau is not None] == updates
+    assert [t.epoch for t in authors[:50]] == [0] * 50  # the warm-up is epoch 0
+
+
+def test_a_real_stage_turns_the_mask_over_on_schedule(tmp_path, tiny_pipe, monkeypatch):
+    """The loop follows stage_schedule: drop/grow after exactly the scheduled optimiser steps, with the
+    scheduled tau; the reference mode takes E*S - W optimiser steps."""
+    from sculpt.methods.dynamic_mask import DynamicMask
+    from sculpt.methods.sculpting import stage_schedule
+
+    real_update = DynamicMask.update
+    for reference in (False, True):
+        steps, calls = [0], []
+        # the update comes after the step, before its record: steps[0] + 1 is that step
+        monkeypatch.setattr(DynamicMask, "update", lambda self, tau: (calls.append((steps[0] + 1, tau)),
+                                                                      real_update(self, tau))[1])
+        cfg = SculptingConfig(lr=1e-3, epochs=5, steps_per_epoch=4, warmup_steps=3, mask_update_every=3,
+                              reference=reference)
+        method = Sculpting(cfg)
+        real_fit = method.fit_stage
+
+        def fit(ctx):
+            def on_step(record):
+                steps[0] = record["step"]
+            ctx.on_step = on_step
+            return real_fit(ctx)
+
+        method.fit_stage = fit
+        result = _run_with(method, tiny_spec(tmp_path / str(reference), concepts=[{"name": "cat", "superclass": "animal"}]),
+                           tiny_pipe, monkeypatch)
+        ticks = stage_schedule(cfg)
+        optimiser = [i for i, t in enumerate(ticks) if not t.warmup]
+        expected = [(optimiser.index(i) + 1, t.tau) for i, t in enumerate(ticks) if t.tau is not None]
+        assert calls == expected and len(calls) >= 2, (reference, calls, expected)
+        assert result.stages[0]["steps"] == (20 - 3 if reference else 20)
+
+
+def _fp16_stage(tmp_path, pipe, monkeypatch, overflow_at: int | None, kind: str, zero_instead: bool = False):
+    """One stage with fp16-style dynamic loss scaling (a CPU GradScaler in accelerate's place); the
+    loss of one warm-up or optimiser step is made infinite (an overflow), or zero (the control)."""
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    ctx, _ = _second_stage(pipe, tmp_path, acc)
+    method = Sculpting(SculptingConfig(lr=1e-3, epochs=2, steps_per_epoch=4, warmup_steps=4, mask_update_every=3))
+    calls = {"warmup": 0, "train": 0}
+    real_warm, real_losses = method.warmup_loss, method.losses
+
+    def poison(x, k):
+        if calls[k] == overflow_at and k == kind:
+            x = x * 0.0 if zero_instead else x * float("inf")
+        calls[k] += 1
+        return x
+
+    method.warmup_loss = lambda c, m: poison(real_warm(c, m), "warmup")
+
+    def losses(c, m, t):
+        terms = real_losses(c, m, t)
+        terms["loss"] = poison(terms["loss"], "train")
+        return terms
+
+    method.losses = losses
+    seen = []
+    real_fit = method.fit_stage
+    from sculpt.methods.dynamic_mask import DynamicMask
+
+    real_update = DynamicMask.update
+    monkeypatch.setattr(DynamicMask, "update", lambda self, tau: (
+        seen.append({n: v.clone() for n, v in self.importance.items()}), real_update(self, tau))[1])
+    real_fit(ctx)
+    return method, acc, seen
+
+
+def test_fp16_overflow_steps_leave_the_mask_alone(tmp_path, tiny_pipe, monkeypatch):
+    """Under fp16 loss scaling a step whose gradients overflow is skipped by the optimiser; the mask
+    must skip it too (inf/NaN importance would be ranked first and those entries grown for good), read
+    unscaled gradients, and the warm-up must let the scaler back off. An overflow in the warm-up then
+    gives exactly the mask and weights of a run whose step contributed nothing."""
+    base = {n: p.detach().clone() for n, p in tiny_pipe.unet.state_dict().items()}
+    overflow, acc, _ = _fp16_stage(tmp_path / "a", tiny_pipe, monkeypatch, overflow_at=1, kind="warmup")
+    assert acc.scaler.get_scale() == 2.0 ** 11  # backed off once
+    got = {n: p.detach().clone() for n, p in cross_attention_params(tiny_pipe.unet).items()}
+    tiny_pipe.unet.load_state_dict(base)
+    control, _, _ = _fp16_stage(tmp_path / "b", tiny_pipe, monkeypatch, overflow_at=1, kind="warmup", zero_instead=True)
+    want = cross_attention_params(tiny_pipe.unet)
+    assert all(torch.equal(overflow.last_mask.active[n], control.last_mask.active[n]) for n in overflow.last_mask.active)
+    assert all(torch.equal(got[n], want[n]) for n in got)
+    tiny_pipe.unet.load_state_dict(base)
+    _, _, seen = _fp16_stage(tmp_path / "c", tiny_pipe, monkeypatch, overflow_at=1, kind="train")
+    assert seen and all(torch.isfinite(imp).all() for s in seen for imp in s.values())
+    assert all(torch.isfinite(p).all() for p in cross_attention_params(tiny_pipe.unet).values())
+
+
+def test_a_run_stacked_on_a_patch_goes_on_as_one_run_over_both_lists(tmp_path, tiny_pipe, monkeypatch):
+    """[cat] then [car] stacked on the first run's patch ends with the freeze mask, the distillation set
+    and (same seed, same data) the very weights of one run over [cat, car]."""
+    seen = []
+    real_fit = Sculpting.fit_stage
+
+    def fit(self, ctx):
+        seen.append(([d.name for d in ctx.concepts], [d.name for d in ctx.previous], ctx.seed,
+                     sum(int(m.sum()) for m in self.frozen.values())))
+        return real_fit(self, ctx)
+
+    monkeypatch.setattr(Sculpting, "fit_stage", fit)
+    base = {n: p.detach().clone() for n, p in tiny_pipe.unet.state_dict().items()}
+
+    def run(name, concepts=None, patches=()):
+        tiny_pipe.unet.load_state_dict(base)
+        cfg = tiny_spec(tmp_path, concepts=concepts)
+        cfg.output, cfg.patches = str(tmp_path / name), [str(p) for p in patches]
+        erase(cfg, pipe=tiny_pipe, progress=False)
+        return load_patch(tmp_path / name / "patch.safetensors")
+
+    one = run("one")
+    seen_one = list(seen)
+    one_weights = {n: p.detach().clone() for n, p in cross_attention_params(tiny_pipe.unet).items()}
+    cat, car = tiny_spec(tmp_path).concepts
+    first = run("first", [cat.model_dump()])
+    seen.clear()
+    second = run("second", [car.model_dump()], [tmp_path / "first" / "patch.safetensors"])
+    assert seen == [seen_one[1]] and seen_one[1][:2] == (["car"], ["cat"])  # same data, distilled set, seed
+    assert seen[0][3] > 0  # the freeze mask came along
+    assert [e["concept"]["name"] for e in second.metadata["erased"]] == ["cat", "car"]
+    assert second.metadata["stages_total"] == 2 and second.concepts == ["car"]
+    assert set(second.method_state) == set(one.method_state) and all(
+        torch.equal(second.method_state[k], one.method_state[k]) for k in one.method_state)
+    assert first.method_state and not all(torch.equal(first.method_state[k], one.method_state[k])
+                                          for k in one.method_state)
+    final = cross_attention_params(tiny_pipe.unet)
+    assert all(torch.equal(final[n], one_weights[n]) for n in final)

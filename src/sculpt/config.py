@@ -129,9 +129,11 @@ class RunConfig(_Strict):
     output: str | None = Field(None, description="Output folder; default: runs/<spec file name>.")
     patches: list[str] = Field(
         default_factory=list,
-        description="Patches applied to the model before this run (stacking runs). The new run starts "
-                    "from their weights only: the earlier run's freeze mask and its concepts' distillation "
-                    "are not carried over (one run over every concept keeps both).",
+        description="Patches applied to the model before this run (stacking runs), in the order they were "
+                    "made. The run goes on as one run over their concepts and this spec's would: it starts from "
+                    "their weights and from the method state the last one carries (the freeze mask), keeps "
+                    "distilling the concepts they erased, and makes its training data with the model before "
+                    "the patches.",
     )
     mode: Literal["sequential", "simultaneous"] = "sequential"
     seed: int = 0

@@ -14,6 +14,12 @@ Output folder:
 Running `erase` again on the same output folder resumes after the last completed stage and
 reaches the same weights as an uninterrupted run (bit-identical on CPU): each stage depends only
 on the weights and method state it starts from, its data (cached) and its own seed.
+
+A run stacked on earlier patches (`patches:`) goes on as one run over all the concepts would: it
+starts from their weights and from the method state the last one carries (the freeze mask), keeps
+distilling every concept they erased, numbers its stage seeds after theirs, and makes all training
+data with the model as loaded, before any patch (so the same spec and seed give the same patch as
+the second half of one run).
 """
 
 from __future__ import annotations
@@ -34,13 +40,13 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from sculpt import ledger
-from sculpt.config import RunConfig
+from sculpt.config import Concept, DataConfig, RunConfig
 from sculpt.data.prepare import ConceptData, check_image_size, encode_prompts, image_size, prepare_concept_data
 from sculpt.io import atomic_write, atomic_write_text
 from sculpt.methods import get_method
 from sculpt.model_card import write_model_card
 from sculpt.models.loading import load_pipeline, model_hash, resolve_device
-from sculpt.patch import Patch, apply_patches, make_patch, save_patch, versions
+from sculpt.patch import Patch, PatchError, apply_patch, check_fits, load_patch, make_patch, save_patch, versions
 from sculpt.paths import default_cache_dir, slug
 from sculpt.progress import Progress
 from sculpt.stage import LossDivergedError, StageContext, StopRequested
@@ -51,6 +57,38 @@ CHECKPOINT_FORMAT = "sculpt-checkpoint/1"
 
 class RunError(RuntimeError):
     """The run cannot start or go on (locked folder, different spec in the folder, failed stage)."""
+
+
+@dataclass
+class Stack:
+    """What the patches a run starts on carry forward (see the module docstring)."""
+
+    patches: list[Patch]
+    erased: list[dict[str, Any]]  # {"concept": spec, "data": DataConfig, "seed": int}, in the order erased
+    stages: int  # stages behind the last patch
+    method: str | None  # the method whose state the last patch carries
+    method_state: dict[str, torch.Tensor]
+
+    @property
+    def concepts(self) -> list[Concept]:
+        return [Concept(**e["concept"]) for e in self.erased]
+
+
+def read_stack(pipe, paths: list[str], model_hash_: str) -> Stack:
+    """Load the patches and check, without applying them, that they fit this model in this order."""
+    patches, expected = [], model_hash_
+    for path in paths:
+        patch = load_patch(path)
+        base = patch.metadata.get("base_hash")
+        if base is not None and base != expected:
+            raise PatchError(f"{path}: made on another model (base hash {base[:16]}..., expected {expected[:16]}...; "
+                             "list the patches in the order they were made)")
+        check_fits(pipe, patch)
+        expected = patch.metadata.get("result_hash", expected)
+        patches.append(patch)
+    last = patches[-1].metadata if patches else {}
+    return Stack(patches, list(last.get("erased", [])), int(last.get("stages_total", 0)), last.get("method"),
+                 patches[-1].method_state if patches else {})
 
 
 @dataclass
@@ -191,12 +229,15 @@ def erase(cfg: RunConfig, pipe=None, progress: bool = True) -> EraseResult:
     else:
         pipe.to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)
-    if cfg.patches:
-        apply_patches(pipe, cfg.patches)
-        # Not carried over yet (issue 11): say so, rather than let an earlier erasure weaken silently.
-        log.warning("stacking on %d patch(es): their weights are the start, but the earlier run's freeze mask "
-                    "and the distillation of its concepts are not carried over; a single run over all "
-                    "concepts keeps both", len(cfg.patches))
+    origin_hash = model_hash(pipe)
+    stack = read_stack(pipe, cfg.patches, origin_hash)
+    if cfg.patches and not stack.erased:
+        log.warning("the patches carry no list of erased concepts (made before sculpt-patch/2 or by hand): "
+                    "their concepts are not distilled in this run")
+    again = {c.name.casefold() for c in stack.concepts} & {c.name.casefold() for c in cfg.concepts}
+    if again:
+        raise RunError(f"already erased by the patches this run starts on: {', '.join(sorted(again))}; "
+                       "remove them from the spec")
     check_image_size(pipe, image_size(pipe, cfg.data))
     (out / "stages").mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(out / "erase.log")
@@ -205,16 +246,40 @@ def erase(cfg: RunConfig, pipe=None, progress: bool = True) -> EraseResult:
     log.setLevel(logging.INFO)
     try:
         with run_lock(out):
-            return _erase(cfg, out, pipe, accelerator, existing, progress)
+            return _erase(cfg, out, pipe, accelerator, existing, progress, stack, origin_hash)
     finally:
         log.removeHandler(handler)
         handler.close()
 
 
-def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, progress: bool) -> EraseResult:
+def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, progress: bool, stack: Stack,
+           origin_hash: str) -> EraseResult:
     torch.manual_seed(cfg.seed)
-    base_hash = model_hash(pipe)
+    # Data for every concept, the carried ones included, made once by the model as loaded (the main
+    # process generates, the others read the cache).
+    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir() / "data"
+    t0 = time.perf_counter()
+    data: dict[str, ConceptData] = {}
+    jobs = [(c, DataConfig(**e["data"]), e["seed"]) for c, e in zip(stack.concepts, stack.erased)]
+    with accelerator.main_process_first():
+        for c, data_cfg, seed in [*jobs, *((c, cfg.data, cfg.seed) for c in cfg.concepts)]:
+            data[c.name] = prepare_concept_data(pipe, c, data_cfg, seed, cache, origin_hash,
+                                                progress=progress and accelerator.is_main_process)
+    empty = encode_prompts(pipe, [""])
+    log.info("data ready in %.1fs (cache %s)", time.perf_counter() - t0, cache)
+
+    for patch in stack.patches:
+        apply_patch(pipe, patch)
+    base_hash = model_hash(pipe) if stack.patches else origin_hash
     method = get_method(cfg.method_name)(cfg.method_config())
+    if stack.method_state and stack.method == method.name:
+        method.load_state_dict(stack.method_state)
+    elif stack.method_state:
+        log.warning("the last patch carries the state of method %s, not %s: this run starts without it",
+                    stack.method, method.name)
+    if stack.patches:
+        log.info("stacked on %d patch(es): %d earlier stage(s), distilling %s", len(stack.patches), stack.stages,
+                 ", ".join(c.name for c in stack.concepts) or "nothing")
     trainable = method.trainable_parameters(pipe.unet)
     base = {n: p.detach().to("cpu").clone() for n, p in trainable.items()}
     stages = cfg.stages()
@@ -236,22 +301,16 @@ def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, progress: boo
         atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         (out / "metrics.jsonl").write_text("")
         ledger.append(out / "ledger.jsonl", "run", base_model=cfg.model, base_hash=base_hash,
-                      config=cfg.model_dump(mode="json"), config_hash=config_hash(cfg), versions=versions())
+                      config=cfg.model_dump(mode="json"), config_hash=config_hash(cfg), versions=versions(),
+                      **({"stacked_on": {"origin_hash": origin_hash, "concepts": [c.name for c in stack.concepts],
+                                         "stages": stack.stages}} if stack.patches else {}))
     log.info("model %s (hash %s), method %s, %d concepts, mode %s",
              cfg.model, base_hash[:16], method.name, len(cfg.concepts), cfg.mode)
 
-    # Data for every concept, made once (the main process generates, the others read the cache).
-    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir() / "data"
-    t0 = time.perf_counter()
-    data: dict[str, ConceptData] = {}
-    with accelerator.main_process_first():
-        for c in cfg.concepts:
-            data[c.name] = prepare_concept_data(pipe, c, cfg.data, cfg.seed, cache, base_hash,
-                                                progress=progress and accelerator.is_main_process)
-    empty = encode_prompts(pipe, [""])
-    log.info("data ready in %.1fs (cache %s)", time.perf_counter() - t0, cache)
-
+    carried = [c.name for c in stack.concepts]
     done = [c.name for stage in stages[:done_stages] for c in stage]
+    specs = {c.name: c for c in [*stack.concepts, *cfg.concepts]}
+    erased_before = {e["concept"]["name"]: e for e in stack.erased}
     patch = make_patch(pipe.unet, base, {})
     stop = {"stop": False}
     for i in range(done_stages, len(stages)):
@@ -259,8 +318,8 @@ def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, progress: boo
         bar = _progress_bar(progress and accelerator.is_main_process, i, names, method)
         ctx = StageContext(
             pipe=pipe, accelerator=accelerator, index=i,
-            concepts=[data[n] for n in names], previous=[data[n] for n in done],
-            seed=cfg.seed + 1000 * i, log_file=out / "metrics.jsonl", empty_embeds=empty,
+            concepts=[data[n] for n in names], previous=[data[n] for n in carried + done],
+            seed=cfg.seed + 1000 * (stack.stages + i), log_file=out / "metrics.jsonl", empty_embeds=empty,
             on_step=bar.update_record if bar else None, stop_flag=stop,
             gradient_checkpointing=cfg.train.gradient_checkpointing,
         )
@@ -292,7 +351,11 @@ def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, progress: boo
             "concepts": done, "superclasses": {c.name: c.superclass for c in cfg.concepts if c.name in done},
             "mode": cfg.mode, "seed": cfg.seed, "data": cfg.data.model_dump(mode="json"),
             "data_keys": {n: data[n].key for n in done}, "stage": i + 1, "versions": versions(),
-        })
+            "stages_total": stack.stages + i + 1,
+            "erased": [erased_before.get(n) or {"concept": specs[n].model_dump(mode="json"),
+                                                "data": cfg.data.model_dump(mode="json"), "seed": cfg.seed}
+                       for n in carried + done],
+        }, method_state=method.state_dict())
         stage_path = out / "stages" / f"{i + 1:02d}-{slug('+'.join(names))}.safetensors"
         summaries.append({"stage": i + 1, "concepts": names, "seconds": round(seconds, 3),
                           "patch": str(stage_path.relative_to(out)), **summary})
@@ -323,8 +386,6 @@ def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, progress: boo
              "stages": summaries, "patch": patch_path.name, "patch_bytes": patch.nbytes()}, indent=2))
         write_model_card(out)
     if done_stages == len(stages):
-        from sculpt.patch import load_patch
-
         patch = load_patch(patch_path)
         log.info("%s: the run was already complete", out)
     return EraseResult(out, patch_path, patch, summaries, pipe)

@@ -4,6 +4,12 @@ A patch replaces tensors of the model it was made on (bit for bit: base + patch 
 It records the hash of that model (`base_hash`) and of the result (`result_hash`), so patches stack
 in order (each one's base is the previous one's result) and a patch meant for another model is
 refused unless forced.
+
+A patch also carries what a later run stacked on it needs to go on as one run over all the concepts
+would (sculpt-patch/2): the method's state after its last stage (`method_state`, e.g. the Dynamic
+Mask's freeze mask, stored as `method.<key>` tensors; never applied to the model) and, in the
+metadata, every concept erased so far with the data settings and seed it was trained on
+(`erased`) and the number of stages behind it (`stages_total`).
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from safetensors.torch import load_file, save_file
 from sculpt.io import atomic_write
 from sculpt.models.loading import model_hash
 
-FORMAT = "sculpt-patch/1"
+FORMAT = "sculpt-patch/2"
+READABLE_FORMATS = ("sculpt-patch/1", FORMAT)  # /1: no method state, no `erased` list
 
 
 class PatchError(ValueError):
@@ -32,13 +39,14 @@ class PatchError(ValueError):
 class Patch:
     tensors: dict[str, torch.Tensor]  # "unet.<parameter name>" -> new value
     metadata: dict[str, Any] = field(default_factory=dict)
+    method_state: dict[str, torch.Tensor] = field(default_factory=dict)  # the method's state_dict()
 
     @property
     def concepts(self) -> list[str]:
         return list(self.metadata.get("concepts", []))
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+        return sum(t.numel() * t.element_size() for t in (*self.tensors.values(), *self.method_state.values()))
 
 
 def versions() -> dict[str, str]:
@@ -51,7 +59,8 @@ def versions() -> dict[str, str]:
             "transformers": transformers.__version__, "python": platform.python_version()}
 
 
-def make_patch(unet: torch.nn.Module, base: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Patch:
+def make_patch(unet: torch.nn.Module, base: dict[str, torch.Tensor], metadata: dict[str, Any],
+               method_state: dict[str, torch.Tensor] | None = None) -> Patch:
     """Tensors of `unet` that differ from `base` (a name -> tensor snapshot taken before training)."""
     state = unet.state_dict()
     tensors = {
@@ -59,13 +68,15 @@ def make_patch(unet: torch.nn.Module, base: dict[str, torch.Tensor], metadata: d
         for n, before in base.items()
         if not torch.equal(state[n].detach().to(before.device), before)
     }
-    return Patch(tensors, {"format": FORMAT, **metadata})
+    method_state = {k: v.detach().to("cpu").contiguous() for k, v in (method_state or {}).items()}
+    return Patch(tensors, {"format": FORMAT, **metadata}, method_state)
 
 
 def save_patch(patch: Patch, path: str | Path) -> Path:
     path = Path(path)
     meta = {"sculpt": json.dumps(patch.metadata, sort_keys=True, default=str)}
-    atomic_write(path, lambda tmp: save_file(patch.tensors, tmp, metadata=meta))
+    tensors = {**patch.tensors, **{f"method.{k}": v for k, v in patch.method_state.items()}}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
 
 
@@ -89,9 +100,10 @@ def load_patch(path: str | Path) -> Patch:
     if raw is None:
         raise PatchError(f"{path}: a safetensors file but not a sculpt patch (no 'sculpt' metadata)")
     meta = json.loads(raw)
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in READABLE_FORMATS:
         raise PatchError(f"{path}: unsupported patch format {meta.get('format')!r} (expected {FORMAT})")
-    return Patch(tensors, meta)
+    state = {k.removeprefix("method."): v for k, v in tensors.items() if k.startswith("method.")}
+    return Patch({k: v for k, v in tensors.items() if not k.startswith("method.")}, meta, state)
 
 
 @torch.no_grad()
@@ -107,6 +119,14 @@ def apply_patch(pipe, patch: Patch, force: bool = False, check_hash: bool = True
                 f"{patch.metadata['base_hash'][:16]}..., model hash {current[:16]}... "
                 "(apply the patches it was stacked on first, or pass force=True / --force)"
             )
+    check_fits(pipe, patch)
+    params = dict(pipe.unet.state_dict())
+    for key, value in patch.tensors.items():
+        params[key.removeprefix("unet.")].copy_(value.to(params[key.removeprefix("unet.")].dtype))
+
+
+def check_fits(pipe, patch: Patch) -> None:
+    """Every tensor of the patch names a UNet tensor of this model, with its shape."""
     params = dict(pipe.unet.state_dict())
     for key, value in patch.tensors.items():
         if not key.startswith("unet."):
@@ -116,8 +136,6 @@ def apply_patch(pipe, patch: Patch, force: bool = False, check_hash: bool = True
             raise PatchError(f"patch tensor {key!r} does not exist in this model")
         if params[name].shape != value.shape:
             raise PatchError(f"patch tensor {key!r} has shape {tuple(value.shape)}, model has {tuple(params[name].shape)}")
-    for key, value in patch.tensors.items():
-        params[key.removeprefix("unet.")].copy_(value.to(params[key.removeprefix("unet.")].dtype))
 
 
 def apply_patches(pipe, paths: list[str | Path], force: bool = False) -> list[Patch]:

@@ -8,6 +8,7 @@ its equation.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -42,6 +43,7 @@ class StageContext:
     gradient_checkpointing: bool = False  # the run's `train.gradient_checkpointing`
     generator: torch.Generator = field(init=False)
     _plain_unet: Any = field(default=None, init=False, repr=False)
+    _walks: dict = field(default_factory=dict, init=False, repr=False)  # replace=False positions
 
     def __post_init__(self):
         self.generator = torch.Generator().manual_seed(self.seed + 7919 * self.accelerator.process_index)
@@ -63,38 +65,59 @@ class StageContext:
     def _randint(self, high: int, n: int) -> torch.Tensor:
         return torch.randint(0, high, (n,), generator=self.generator)
 
-    def concept_batch(self, n: int, data: list[ConceptData] | None = None):
-        """n concept latents x_c with their concept prompt c and superclass prompt s (item-wise)."""
+    def concept_batch(self, n: int, data: list[ConceptData] | None = None, replace: bool = True):
+        """n concept latents x_c with their concept prompt c and superclass prompt s (item-wise).
+
+        replace=True: each item picks a concept, then one of its images and prompts, at random.
+        replace=False: the images of all of `data` are walked in a random order, reshuffled when used
+        up (epochs over the data, as a shuffled DataLoader gives); the prompt is drawn per item."""
         data = data if data is not None else self.concepts
-        which = self._randint(len(data), n)
         xs, cs, ss = [], [], []
-        for k in which.tolist():
+        which = self._randint(len(data), n).tolist() if replace else self._walk(n, data, "latents")
+        for k in which:
+            k, j = (k, int(self._randint(len(data[k].latents), 1))) if replace else k
             d = data[k]
-            xs.append(d.latents[self._randint(len(d.latents), 1)])
+            xs.append(d.latents[j : j + 1])
             cs.append(d.prompt_embeds[self._randint(len(d.prompt_embeds), 1)])
             ss.append(d.anchor_embeds)
         return self._to(torch.cat(xs)), self._to(torch.cat(cs)), self._to(torch.cat(ss))
 
-    def anchor_batch(self, n: int, data: list[ConceptData] | None = None):
-        """n superclass latents x_s with their superclass prompt s."""
+    def anchor_batch(self, n: int, data: list[ConceptData] | None = None, replace: bool = True):
+        """n superclass latents x_s with their superclass prompt s (`replace` as in concept_batch)."""
         data = data if data is not None else self.concepts
-        which = self._randint(len(data), n)
         xs, ss = [], []
-        for k in which.tolist():
+        which = self._randint(len(data), n).tolist() if replace else self._walk(n, data, "anchor_latents")
+        for k in which:
+            k, j = (k, int(self._randint(len(data[k].anchor_latents), 1))) if replace else k
             d = data[k]
-            xs.append(d.anchor_latents[self._randint(len(d.anchor_latents), 1)])
+            xs.append(d.anchor_latents[j : j + 1])
             ss.append(d.anchor_embeds)
         return self._to(torch.cat(xs)), self._to(torch.cat(ss))
+
+    def _walk(self, n: int, data: list[ConceptData], field_name: str) -> list[tuple[int, int]]:
+        """The next n (concept, image) pairs of a shuffled pass over every image of `data`; a new
+        shuffled pass starts when one is used up (a batch may straddle two passes)."""
+        key = (field_name, tuple(id(d) for d in data))
+        order, pos = self._walks.get(key, ([], 0))
+        out: list[tuple[int, int]] = []
+        while len(out) < n:
+            if pos == len(order):
+                pool = [(k, j) for k, d in enumerate(data) for j in range(len(getattr(d, field_name)))]
+                order, pos = [pool[i] for i in torch.randperm(len(pool), generator=self.generator).tolist()], 0
+            take = min(n - len(out), len(order) - pos)
+            out += order[pos : pos + take]
+            pos += take
+        self._walks[key] = (order, pos)
+        return out
 
     def _to(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device)
 
     # -- diffusion -------------------------------------------------------------------------------
 
-    def timesteps(self, n: int, shared: bool = True) -> torch.Tensor:
-        T = self.noise_scheduler.config.num_train_timesteps
-        t = self._randint(T, 1).expand(n) if shared else self._randint(T, n)
-        return t.to(self.device)
+    def timesteps(self, n: int) -> torch.Tensor:
+        """n training timesteps, one per sample, uniform over the model's schedule."""
+        return self._randint(self.noise_scheduler.config.num_train_timesteps, n).to(self.device)
 
     def noise_like(self, x: torch.Tensor) -> torch.Tensor:
         return torch.randn(x.shape, generator=self.generator).to(x.device, x.dtype)
@@ -148,6 +171,27 @@ class StageContext:
         model, optimizer, sched = self.accelerator.prepare(unet, optimizer, sched)
         return model, optimizer, sched
 
+    # fp16 loss scaling (accelerate's GradScaler; None without fp16): a gradient read for anything but
+    # the optimiser's step (the Dynamic Mask's importance) must be unscaled first, and an overflow
+    # step's gradients (inf/NaN: the scaler skips the step) must not be read at all.
+
+    def unscale_gradients(self, optimizer) -> bool:
+        """Divide the gradients by the loss scale, in place (the optimiser's step will not divide
+        again); True if they are all finite. Without loss scaling: True, at no cost."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is None:
+            return True
+        scaler.unscale_(getattr(optimizer, "optimizer", optimizer))
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+
+    def step_without_optimizer(self) -> None:
+        """End a step that computed gradients but takes no optimiser step (the warm-up): the loss
+        scaler still backs off after an overflow, as an optimiser step would have made it."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None:
+            scaler.update()
+
     def finish_training(self) -> None:
         self.unet.requires_grad_(False)
         self.unet.eval()
@@ -171,7 +215,10 @@ def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(a.float(), b.float())
 
 
-def check_finite(**terms: torch.Tensor) -> None:
-    for name, value in terms.items():
-        if not torch.isfinite(value).all():
-            raise LossDivergedError(f"loss term {name} is {value.item()}; stopping the stage")
+def check_finite(**terms: torch.Tensor) -> dict[str, float]:
+    """The scalar loss terms as floats, read in one host sync; LossDivergedError if one is NaN or infinite."""
+    values = dict(zip(terms, torch.stack([v.detach().float().reshape(()) for v in terms.values()]).tolist()))
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise LossDivergedError(f"loss term {name} is {value}; stopping the stage")
+    return values

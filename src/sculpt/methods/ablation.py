@@ -53,7 +53,7 @@ class ConceptAblation(ErasureMethod):
         B = self.config.batch_size
         x_s, s = ctx.anchor_batch(B, [d])  # anchor images and the anchor prompt
         _, c, _ = ctx.concept_batch(B, [d])  # the target concept's prompts
-        t = ctx.timesteps(B, shared=False)
+        t = ctx.timesteps(B)
         noise = ctx.noise_like(x_s)
         x_t = ctx.add_noise(x_s, noise, t)
         pred = ctx.predict(model, torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([c, s]))

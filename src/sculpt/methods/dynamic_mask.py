@@ -4,7 +4,7 @@ Per weight matrix W (one mask each):
 
     importance   I_ij = sum over steps of |dL/dW_ij|          (accumulated, copied, never aliased)
     initial mask M_ij = 1  iff  I_ij is among the top p of the free entries of W
-    every K steps, with tau(s) = tau_0 * (1 + cos(pi * s / S)) / 2 while s <= 0.8 S:
+    every K steps, with tau(e) = tau_0 * (1 + cos(pi * e / E)) / 2 in epoch e of E, while e < 0.8 E:
         drop the round(tau * |M|) active entries of lowest I (importance since the last update),
         grow as many inactive free entries of highest I;   density stays p;   I <- 0
     gradient     dL/dW  <-  M * dL/dW
@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 
-def drop_ratio(step: int, total_steps: int, tau0: float) -> float:
-    """Cosine-decayed turnover: tau(s) = tau0 * (1 + cos(pi * s / S)) / 2."""
-    return tau0 * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+def drop_ratio(epoch: int, epochs: int, tau0: float) -> float:
+    """Turnover decayed with a cosine over the epochs: tau(e) = tau0 * (1 + cos(pi * e / E)) / 2."""
+    return tau0 * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
 
 
 class DynamicMask:
@@ -48,6 +48,7 @@ class DynamicMask:
         self.active = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in params.items()}
         # Every entry that was active at some point of the stage: the only ones that can have moved.
         self.ever_active = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in params.items()}
+        self.initialised = False
 
     # -- importance ------------------------------------------------------------------------------
 
@@ -87,6 +88,7 @@ class DynamicMask:
             active[scores.topk(self.n_target(n)).indices] = True
             self.active[n] = active.view_as(self.active[n])
             self.ever_active[n] |= self.active[n]
+        self.initialised = True
         self.reset_importance()
 
     @torch.no_grad()

@@ -86,7 +86,7 @@ class ForgetMeNot(ErasureMethod):
                     emb.append(prompts[k]["embeds"][j : j + 1])
                     mask.append(prompts[k]["mask"][j : j + 1])
                 x_0 = torch.cat(x).to(ctx.device)
-                t = ctx.timesteps(len(x_0), shared=False)
+                t = ctx.timesteps(len(x_0))
                 x_t = ctx.add_noise(x_0, ctx.noise_like(x_0), t)
                 rec.clear()
                 rec.token_mask = torch.cat(mask)

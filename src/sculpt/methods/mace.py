@@ -111,7 +111,7 @@ class MACE(ErasureMethod):
                 i = torch.randint(len(d.latents), (cfg.batch_size,), generator=ctx.generator)
                 j = torch.randint(len(tokens["embeds"]), (cfg.batch_size,), generator=ctx.generator)
                 x_0 = d.latents[i].to(ctx.device)
-                t = ctx.timesteps(len(x_0), shared=False)
+                t = ctx.timesteps(len(x_0))
                 x_t = ctx.add_noise(x_0, ctx.noise_like(x_0), t)
                 rec.clear()
                 rec.token_mask = tokens["mask"][j]

@@ -74,7 +74,7 @@ class SalUn(ErasureMethod):
         """- || eps - [(1 + w) eps_theta(x_t; c) - w eps_theta(x_t; "")] ||^2"""
         w = self.config.mask_guidance
         x_c, c, _ = ctx.concept_batch(self.config.batch_size)
-        t = ctx.timesteps(len(x_c), shared=False)
+        t = ctx.timesteps(len(x_c))
         noise = ctx.noise_like(x_c)
         x_t = ctx.add_noise(x_c, noise, t)
         empty = ctx.empty_embeds.to(ctx.device).expand(len(c), -1, -1)
@@ -85,7 +85,7 @@ class SalUn(ErasureMethod):
         B = self.config.batch_size
         x_c, c, c_pseudo = ctx.concept_batch(B)  # c' = the superclass prompt
         x_s, s = ctx.anchor_batch(B)
-        t_f, t_r = ctx.timesteps(B, shared=False), ctx.timesteps(B, shared=False)
+        t_f, t_r = ctx.timesteps(B), ctx.timesteps(B)
         x_t = ctx.add_noise(x_c, ctx.noise_like(x_c), t_f)
         n_s = ctx.noise_like(x_s)
         xs_t = ctx.add_noise(x_s, n_s, t_r)

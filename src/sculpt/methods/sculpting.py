@@ -2,7 +2,9 @@
 
 Per stage (one concept when sequential, all of them when simultaneous), only the cross-attention
 projections are trained, and of their weights only the entries in the Dynamic Mask
-(`dynamic_mask.py`). One timestep t is shared by all batches of a step:
+(`dynamic_mask.py`). Each step draws B per-sample timesteps t_1..t_B; item i of every batch of the
+step (concept, superclass, earlier concepts) is noised at t_i, as the authors' script pairs its
+concept and superclass batches:
 
     L_f  = || eps_theta(x_c, t; c) - sg[eps_theta(x_c, t; s)] ||^2     concept -> its superclass
     L_a  = || eps_theta(x_s, t; s) - eps ||^2                         superclass stays intact
@@ -12,20 +14,31 @@ projections are trained, and of their weights only the entries in the Dynamic Ma
 
 The teacher is the model at the start of the stage (it has already forgotten earlier concepts).
 After each epoch the weights with the lowest mean L_f are kept; the next stage starts from them.
+Images are drawn without replacement: an epoch walks the data in a shuffled order.
+
+The schedule (`stage_schedule`) is the paper's: a W-step warm-up, then E epochs of S optimiser
+steps; every K steps the mask turns over tau(e) = tau_0 (1 + cos(pi e / E)) / 2 of its entries,
+e the current epoch, while e < 0.8 E (published: updates at steps 100..400, tau 0.195, 0.159,
+0.100, 0.041).
 
 `reference=True` reproduces the authors' published script where it differs from the paper:
 no distillation (its KD loss is overwritten before backward), no freeze mask (never written),
-importance as |sum of signed grads|. (Their importance aliasing bug is not reproduced: it lets
-masked-out weights move, which no comparison needs.)
+importance as |sum of signed grads|, and its step count: the warm-up is the first W of the E*S
+steps (epoch 0 with W = S, which competes in best-epoch selection with its denoising loss), so a
+stage takes E*S - W optimiser steps, the one-cycle schedule is sized for E*S and never finishes,
+and K counts from the start of the warm-up. (Their importance aliasing bug is not reproduced: it
+lets masked-out weights move, which no comparison needs. Their images are re-encoded and their
+latents sampled at every step; here latents are the cached posterior means.)
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from sculpt.methods.base import ErasureMethod, MethodConfig, register
@@ -53,7 +66,16 @@ class SculptingConfig(MethodConfig):
         description="share of each matrix frozen after a stage (its most-changed entries); 1 = all changed",
     )
     select_best_epoch: bool = True
-    reference: bool = Field(False, description="reproduce the authors' script (KD off, no freeze)")
+    reference: bool = Field(
+        False, description="reproduce the authors' script (KD off, no freeze, warm-up inside the E*S steps)")
+
+    @model_validator(mode="after")
+    def _steps_left_after_warmup(self) -> "SculptingConfig":
+        if self.reference and self.warmup_steps >= self.epochs * self.steps_per_epoch:
+            raise ValueError(f"reference: the warm-up ({self.warmup_steps} steps) is inside the stage's "
+                             f"epochs x steps_per_epoch = {self.epochs * self.steps_per_epoch} steps and leaves "
+                             "no optimiser step")
+        return self
 
 
 @register
@@ -84,32 +106,32 @@ class Sculpting(ErasureMethod):
     def losses(self, ctx: StageContext, model: nn.Module, teacher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         cfg = self.config
         B = cfg.batch_size
-        x_c, c, s_c = ctx.concept_batch(B)  # concept images, concept prompt, its superclass prompt
-        x_s, s = ctx.anchor_batch(B)  # superclass images and prompt
-        t = ctx.timesteps(1)  # one timestep shared by every batch of the step
+        x_c, c, s_c = ctx.concept_batch(B, replace=False)  # concept images, concept prompt, its superclass prompt
+        x_s, s = ctx.anchor_batch(B, replace=False)  # superclass images and prompt
+        t = ctx.timesteps(B)  # t_i: item i of every batch below is noised at t_i
         n_c, n_s = ctx.noise_like(x_c), ctx.noise_like(x_s)
         xt_c, xt_s = ctx.add_noise(x_c, n_c, t), ctx.add_noise(x_s, n_s, t)
         inputs, conds = [xt_c, xt_s], [c, s]
         use_kd = cfg.lambda_kd > 0 and not cfg.reference
         if use_kd and ctx.previous:  # earlier concepts' images under their own prompts
-            x_p, c_p, _ = ctx.concept_batch(B, ctx.previous)
+            x_p, c_p, _ = ctx.concept_batch(B, ctx.previous, replace=False)
             xt_p = ctx.add_noise(x_p, ctx.noise_like(x_p), t)
             inputs.append(xt_p)
             conds.append(c_p)
         x_in = torch.cat(inputs)
-        pred = ctx.predict(model, x_in, t.expand(len(x_in)), torch.cat(conds))  # one batched forward
+        pred = ctx.predict(model, x_in, t.repeat(len(inputs)), torch.cat(conds))  # one batched forward
         pred_c, pred_s, pred_p = pred[:B], pred[B : 2 * B], pred[2 * B :]
 
         with torch.no_grad():
-            target_f = ctx.predict(model, xt_c, t.expand(B), s_c)  # sg[eps_theta(x_c, t; s)]
+            target_f = ctx.predict(model, xt_c, t, s_c)  # sg[eps_theta(x_c, t; s)]
         out = {
             "L_f": mse(pred_c, target_f),
-            "L_a": mse(pred_s, ctx.target(x_s, n_s, t.expand(B))),
+            "L_a": mse(pred_s, ctx.target(x_s, n_s, t)),
         }
         if use_kd:
             kd_in = x_in[B:]
             kd_cond = torch.cat(conds[1:])
-            teacher_out = ctx.predict_with(teacher, kd_in, t.expand(len(kd_in)), kd_cond)
+            teacher_out = ctx.predict_with(teacher, kd_in, t.repeat(len(inputs) - 1), kd_cond)
             out["L_kd"] = mse(torch.cat([pred_s, pred_p]), teacher_out)
         else:
             out["L_kd"] = torch.zeros((), device=pred.device)
@@ -117,8 +139,8 @@ class Sculpting(ErasureMethod):
         return out
 
     def warmup_loss(self, ctx: StageContext, model: nn.Module) -> torch.Tensor:
-        """Plain denoising on the concept images: || eps_theta(x_c, t; c) - eps ||^2."""
-        x_c, c, _ = ctx.concept_batch(self.config.batch_size)
+        """Plain denoising on the concept images: || eps_theta(x_c, t; c) - eps ||^2, t per sample."""
+        x_c, c, _ = ctx.concept_batch(self.config.batch_size, replace=False)
         t = ctx.timesteps(len(x_c))
         noise = ctx.noise_like(x_c)
         return mse(ctx.predict(model, ctx.add_noise(x_c, noise, t), t, c), ctx.target(x_c, noise, t))
@@ -130,53 +152,62 @@ class Sculpting(ErasureMethod):
         params = self.trainable_parameters(ctx.unet)
         weights = {n: p for n, p in params.items() if n.endswith("weight")}
         teacher = {n: p.detach().clone() for n, p in params.items()}  # frozen: the model at stage start
-        total = cfg.epochs * cfg.steps_per_epoch
-        model, optimizer, lr_sched = ctx.prepare_training(params, cfg.lr, total)
+        ticks = stage_schedule(cfg)
+        # the one-cycle schedule spans E*S optimiser steps (the authors' script takes E*S - W of them)
+        model, optimizer, lr_sched = ctx.prepare_training(params, cfg.lr, cfg.epochs * cfg.steps_per_epoch)
         frozen = {} if cfg.reference else self.frozen
         mask = DynamicMask(weights, cfg.mask_ratio, frozen, signed_importance=cfg.reference)
+        # Importance gathered after the last drop/grow would never be read.
+        last_read = max([i for i, tick in enumerate(ticks) if tick.tau is not None or tick.warmup], default=-1)
 
-        # 1. Warm-up: accumulate gradient importance, no optimiser step.
-        for _ in range(cfg.warmup_steps):
-            ctx.accelerator.backward(self.warmup_loss(ctx, model))
-            mask.accumulate()
-            optimizer.zero_grad(set_to_none=True)
-        mask.initialise()
-        density = mask.current_density()  # changes only when the mask does: not recounted every step
-
-        # 2. Masked optimisation with periodic drop/grow and best-epoch selection.
         best = {"L_f": float("inf"), "epoch": -1, "weights": None}
-        turnover, step = 0.0, 0
-        # Drop/grow happens at multiples of K up to mask_update_stop of the stage; importance gathered
-        # after the last of them would never be read.
-        last_update = math.floor(cfg.mask_update_stop * total / cfg.mask_update_every) * cfg.mask_update_every
-        for epoch in range(cfg.epochs):
-            epoch_lf = 0.0
-            for _ in range(cfg.steps_per_epoch):
+        turnover, step, epoch_lf, density = 0.0, 0, 0.0, 0.0
+        for i, tick in enumerate(ticks):
+            if tick.warmup:
+                # 1. Warm-up: accumulate gradient importance, no optimiser step.
+                loss = self.warmup_loss(ctx, model)
+                if cfg.reference:  # the script's epoch 0 loss is this denoising loss
+                    epoch_lf += check_finite(L_warmup=loss)["L_warmup"]
+                ctx.accelerator.backward(loss)
+                if ctx.unscale_gradients(optimizer):
+                    mask.accumulate()
+                ctx.step_without_optimizer()
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                if not mask.initialised:  # the first masked step: top-p by the warm-up's importance
+                    mask.initialise()
+                    density = mask.current_density()  # changes only with the mask: not recounted per step
+                # 2. Masked optimisation with periodic drop/grow.
                 terms = self.losses(ctx, model, teacher)
-                check_finite(**{k: v for k, v in terms.items() if k != "loss"})
+                values = check_finite(**{k: v for k, v in terms.items() if k != "loss"})  # one host sync
                 ctx.accelerator.backward(terms["loss"])
-                if step < last_update:
+                if i <= last_read and ctx.unscale_gradients(optimizer):
                     mask.accumulate()  # on the full gradient: inactive entries need importance to grow
                 mask.mask_gradients()
-                optimizer.step()
+                optimizer.step()  # skipped by the loss scaler after an fp16 overflow
                 lr_sched.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                if step % cfg.mask_update_every == 0 and step <= cfg.mask_update_stop * total:
-                    turnover, dropped = mask.update(drop_ratio(step, total, cfg.drop_ratio))
+                if tick.tau is not None:
+                    turnover, dropped = mask.update(tick.tau)
                     reset_optimizer_state(optimizer, weights, dropped)
                     density = mask.current_density()
-                epoch_lf += terms["L_f"].item()
+                epoch_lf += values["L_f"]
                 ctx.log({
-                    "step": step, "epoch": epoch,
-                    **{k: round(v.item(), 6) for k, v in terms.items()},
+                    "step": step, "epoch": tick.epoch,
+                    **{k: round(v, 6) for k, v in values.items()},
+                    "loss": round(values["L_f"] + cfg.lambda_align * values["L_a"] + cfg.lambda_kd * values["L_kd"], 6),
                     "density": round(density, 4), "turnover": round(turnover, 4),
                     "lr": lr_sched.get_last_lr()[0],
                 })
-            epoch_lf /= cfg.steps_per_epoch
-            if not cfg.select_best_epoch or epoch_lf < best["L_f"]:
-                best = {"L_f": epoch_lf, "epoch": epoch,
-                        "weights": {n: p.detach().clone() for n, p in params.items()}}
+            end_of_epoch = i + 1 == len(ticks) or ticks[i + 1].epoch != tick.epoch
+            if end_of_epoch and tick.epoch >= 0:  # 3. best-epoch selection on the mean L_f
+                epoch_lf /= cfg.steps_per_epoch
+                if not cfg.select_best_epoch or epoch_lf < best["L_f"]:
+                    best = {"L_f": epoch_lf, "epoch": tick.epoch,
+                            "weights": {n: p.detach().clone() for n, p in params.items()}}
+            if end_of_epoch:
+                epoch_lf = 0.0
 
         with torch.no_grad():
             for n, p in params.items():
@@ -191,3 +222,31 @@ class Sculpting(ErasureMethod):
         )
         return {"best_epoch": best["epoch"], "best_L_f": best["L_f"], "steps": step,
                 "mask_density": density, "frozen_share": frozen_share}
+
+
+@dataclass(frozen=True)
+class Tick:
+    """One step of a stage: a warm-up step (importance only) or an optimiser step, and whether the
+    mask turns over after it."""
+
+    epoch: int  # -1: the paper's separate warm-up; 0..E-1 otherwise
+    warmup: bool
+    tau: float | None = None  # drop/grow this fraction of the active entries after the step
+
+
+def stage_schedule(cfg: SculptingConfig) -> list[Tick]:
+    """Every step of one stage, in order.
+
+    Paper (default): W warm-up steps, then E epochs of S optimiser steps; after optimiser step s
+    (1-based, epoch e = (s-1) // S) the mask turns over tau(e) when s % K == 0 and e < 0.8 E.
+    Authors' script (reference): E*S steps in all, the first W of them the warm-up; the same rule
+    with s counting from the start of the warm-up."""
+    E, S, W, K = cfg.epochs, cfg.steps_per_epoch, cfg.warmup_steps, cfg.mask_update_every
+    stop = math.floor(cfg.mask_update_stop * E + 1e-9)  # epochs that may update the mask
+
+    def tau(s: int, e: int) -> float | None:
+        return drop_ratio(e, E, cfg.drop_ratio) if s % K == 0 and e < stop else None
+
+    if cfg.reference:
+        return [Tick((s - 1) // S, s <= W, None if s <= W else tau(s, (s - 1) // S)) for s in range(1, E * S + 1)]
+    return [Tick(-1, True)] * W + [Tick((s - 1) // S, False, tau(s, (s - 1) // S)) for s in range(1, E * S + 1)]
