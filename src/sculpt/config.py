@@ -51,6 +51,11 @@ class Concept(_Strict):
         default=None, description="Prompts that name the concept; default: the run's prompt template."
     )
     synonyms: list[str] = Field(default_factory=list, description="Other words for it, trained on too.")
+    members: list[str] = Field(
+        default_factory=list,
+        description="For a family ('weapon'): the classes or words it covers (dagger, axe, ...). Trained on "
+                    "like synonyms; the evaluation measures each member as erased and never counts one as kept.",
+    )
     negative_prompt: str | None = Field(
         default=None,
         description="Negative prompt for the superclass images; default: the concept's name, so the "
@@ -70,7 +75,7 @@ class Concept(_Strict):
             raise ValueError("superclass is empty")
         return v
 
-    @field_validator("prompts", "synonyms")
+    @field_validator("prompts", "synonyms", "members")
     @classmethod
     def _no_empty_prompts(cls, v: list[str] | None) -> list[str] | None:
         if v is not None and any(not p.strip() for p in v):
@@ -83,10 +88,16 @@ class Concept(_Strict):
             raise ValueError(f"a concept cannot be its own superclass ({self.name!r})")
         return self
 
+    @property
+    def words(self) -> list[str]:
+        """Every word that names the concept: its name, synonyms and members, each once."""
+        return list(dict.fromkeys([self.name, *self.synonyms, *self.members]))
+
     def concept_prompts(self, template: str) -> list[str]:
-        """Prompts used to generate the concept's images and to train its forgetting."""
+        """Prompts used to generate the concept's images and to train its forgetting: its own, then
+        one per synonym and per member (a member that is also a synonym once)."""
         base = self.prompts or [fill_template(template, self.name)]
-        return base + [fill_template(template, s) for s in self.synonyms]
+        return base + [fill_template(template, w) for w in self.words[1:]]
 
     def superclass_prompt(self, template: str) -> str:
         return fill_template(template, self.superclass)

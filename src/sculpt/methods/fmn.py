@@ -46,7 +46,7 @@ def concept_token_batch(ctx: StageContext, template: str, use_pooler: bool) -> l
     out = []
     for d in ctx.concepts:
         prompts = d.concept.concept_prompts(template)
-        words = [d.concept.name, *d.concept.synonyms]
+        words = d.concept.words
         out.append({
             "embeds": encode_prompts(ctx.pipe, prompts).to(ctx.device),
             "mask": word_token_mask(ctx.pipe.tokenizer, prompts, words, end_token=use_pooler).to(ctx.device),
