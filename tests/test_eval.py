@@ -435,3 +435,55 @@ def test_folder_reference_reads_real_pictures_per_class(tmp_path):
     assert reference("golf ball", 5, 0) == []
     with pytest.raises(FileNotFoundError, match="no such reference folder"):
         folder_reference(tmp_path / "missing")
+
+
+# -- families and concepts the benchmark does not know ----------------------------------------------
+
+
+def _patch_erasing(pipe, path, specs):
+    """A patch (cross-attention nudged) whose metadata says it erased these concept specs."""
+    params = cross_attention_params(pipe.unet)
+    base = {n: p.detach().clone() for n, p in params.items()}
+    base_hash = model_hash(pipe)
+    with torch.no_grad():
+        for n, p in params.items():
+            if n.endswith("to_k.weight"):
+                p.add_(0.1)
+    patch = make_patch(pipe.unet, base, {"base_hash": base_hash, "result_hash": model_hash(pipe),
+                                         "concepts": [s["name"] for s in specs],
+                                         "erased": [{"concept": s, "data": {}, "seed": 0} for s in specs]})
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(base[n])
+    return save_patch(patch, path)
+
+
+def test_a_family_is_measured_member_by_member_and_none_of_them_counts_as_kept(tiny_pipe, tmp_path):
+    family = {"name": "pet", "superclass": "plant", "members": ["cat", "dog", "hamster"]}
+    path = _patch_erasing(tiny_pipe, tmp_path / "pet.safetensors", [family])
+    m = toy_evaluate(tiny_pipe, patches=[path], cache=tmp_path / "cache")
+    assert m["measured"] == ["cat", "dog"] and set(m["forgetting"]["per_concept"]) == {"cat", "dog"}
+    assert set(m["preservation"]["per_class"]) == {"car", "tree"}  # members are erased on purpose, not kept
+    assert m["resolution"]["pet"]["measured"] == ["cat", "dog"]
+    assert m["resolution"]["pet"]["not_measured"] == ["hamster"]  # said, not silently dropped
+    # A family written as synonyms that name classes is measured through them.
+    path2 = _patch_erasing(tiny_pipe, tmp_path / "pet2.safetensors",
+                           [{"name": "pet", "superclass": "animal", "synonyms": ["cat", "kitten"]}])
+    m2 = toy_evaluate(tiny_pipe, patches=[path2], cache=tmp_path / "cache")
+    assert m2["measured"] == ["cat"] and "cat" not in m2["preservation"]["per_class"]
+    # Same weights; coherence is measured against each spec's superclass (plant: tree; animal: cat,
+    # dog), not the taxonomy's: two disjoint shares of the same pictures.
+    plant, animal = (x["superclass_coherence"]["cat"]["model"] for x in (m, m2))
+    assert plant != animal and plant + animal <= 1 + 1e-6
+
+
+def test_a_concept_the_benchmark_cannot_measure_is_named_and_no_other_list_is_measured(tiny_pipe, tmp_path, caplog):
+    path = _patch_erasing(tiny_pipe, tmp_path / "unicorn.safetensors", [{"name": "unicorn", "superclass": "animal"}])
+    with caplog.at_level("WARNING", logger="sculpt"):
+        m = toy_evaluate(tiny_pipe, patches=[path], cache=tmp_path / "cache")
+    assert m["measured"] == [] and m["forgetting"]["per_concept"] == {}  # not the benchmark's targets (cat)
+    assert m["forgetting"]["total_acc"] is None
+    assert "cat" in m["preservation"]["per_class"]  # nothing was erased that the benchmark knows
+    assert m["resolution"]["unicorn"] == {"measured": [], "not_measured": ["unicorn"],
+                                          "how": "no class of the benchmark", "superclass": "animal"}
+    assert any("unicorn" in r.getMessage() and "not measured" in r.getMessage() for r in caplog.records)

@@ -47,9 +47,41 @@ class Benchmark:
     def names(self) -> list[str]:
         return [c.name for c in self.classes]
 
-    def superclass_members(self, name: str) -> list[EvalClass]:
-        sup = self[name].superclass
+    def superclass_members(self, name: str, superclass: str | None = None) -> list[EvalClass]:
+        """The classes under `name`'s superclass (or under `superclass`, when given)."""
+        sup = superclass if superclass is not None else self[name].superclass
         return [c for c in self.classes if sup is not None and c.superclass == sup]
+
+    def find(self, word: str) -> str | None:
+        """The class named `word` (case-insensitive), or None."""
+        return next((c.name for c in self.classes if c.name.casefold() == word.strip().casefold()), None)
+
+    def resolve(self, concept: dict) -> "Resolution":
+        """Which classes measure an erased concept (a spec's fields: name, members, synonyms):
+        the class of its name and of each member; a concept that is no class and lists no members is
+        measured through those of its synonyms that name classes (a family written as synonyms)."""
+        name, members = concept["name"], list(concept.get("members") or [])
+        if self.find(name) is not None or members:
+            words, how = ([name] if self.find(name) else []) + members, "name and members" if members else "name"
+        else:
+            words = [w for w in concept.get("synonyms") or [] if self.find(w)]
+            how = "synonyms that name benchmark classes" if words else "no class of the benchmark"
+        found = list(dict.fromkeys(self.find(w) for w in words if self.find(w)))
+        missing = [w for w in ([name] if not words else words) if self.find(w) is None]
+        sup = concept.get("superclass")
+        return Resolution(name, tuple(found), tuple(missing), how,
+                          sup if any(c.superclass == sup for c in self.classes) else None)
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What the evaluation measures for one erased concept, said per concept in metrics.json."""
+
+    concept: str
+    classes: tuple[str, ...]  # benchmark classes measured as erased (never counted as kept)
+    not_measured: tuple[str, ...]  # its name or members that no benchmark class matches
+    how: str
+    superclass: str | None = None  # the spec's superclass, when the benchmark has classes under it
 
 
 def photo_prompt(text: str) -> str:

@@ -175,7 +175,12 @@ def summary_lines(m: dict) -> list[str]:
     """The headline numbers as text, for the terminal."""
     pct = lambda v: "-" if v is None or v != v else f"{100 * v:5.1f}"  # noqa: E731  (v != v: NaN)
     f, p = m["forgetting"], m["preservation"]
-    lines = [f"{'concept':<24} {'base':>6} {'patched':>8}"]
+    lines = []
+    for name, r in m.get("resolution", {}).items():  # what each erased concept was measured as
+        if r["measured"] != [name] or r["not_measured"]:
+            lines.append(f"{name}: measured as {', '.join(r['measured']) or 'nothing'}"
+                         + (f" (no benchmark class for {', '.join(r['not_measured'])})" if r["not_measured"] else ""))
+    lines.append(f"{'concept':<24} {'base':>6} {'patched':>8}")
     lines += [f"{c:<24} {pct(f['base_per_concept'][c]):>6} {pct(a):>8}" for c, a in f["per_concept"].items()]
     lines.append(f"{'Total Acc':<24} {pct(f['base_total_acc']):>6} {pct(f['total_acc']):>8}")
     lines.append(f"{'kept classes acc':<24} {pct(p['base_acc']):>6} {pct(p['acc']):>8}   drop {pct(p['drop'])}")

@@ -75,6 +75,7 @@ class _Context:
     reference: dict[tuple, torch.Tensor] = field(default_factory=dict)  # reference_features, per call
     sampler_key: dict = field(init=False)  # settings.sampler.key_data(pipe): the VAE is hashed once per call
     identity: dict = field(default_factory=dict)  # what every state's metrics key shares, once per call
+    anchors: dict = field(default_factory=dict)  # measured class -> the spec's superclass (coherence)
 
     def __post_init__(self):
         self.sampler_key = self.settings.sampler.key_data(self.pipe)
@@ -199,7 +200,7 @@ def _measurement_identity(ctx: _Context, bench: Benchmark, measured, kept, score
     parts = {
         "version": METRICS_VERSION, "sampler": ctx.sampler_key,
         "settings": {k: v for k, v in settings_dict(s).items() if k not in ("sampler", "batch_size", "grid_pictures")},
-        "measured": list(measured), "kept": list(kept),
+        "measured": list(measured), "kept": list(kept), "anchors": ctx.anchors,
         "benchmark": {"name": bench.name, "classes": [asdict(c) for c in bench.classes],
                       "unsafe_prompts": list(bench.unsafe_prompts), "unsafe_classes": list(bench.unsafe_classes)},
         "classifier": fingerprint(ctx.classifier),
@@ -253,7 +254,10 @@ def evaluate(
 
     model, pipe: a name for load_pipeline, or an already loaded pipeline (then `model` is its label).
     concepts: the erased concepts to measure; default: those the patches name, or, with no patch,
-    the benchmark's targets (the original model's row of the paper's table).
+    the benchmark's targets (the original model's row of the paper's table). A concept is measured
+    through the benchmark classes of its name and its members (a family such as "weapon": each
+    member as erased); what no class matches is named in the log and in metrics.json's
+    "resolution", never replaced by another list. Whatever the patches erased is never a kept class.
     benchmark, classifier, scorer, detector: default to the emoji world's when model == "emoji";
     scorer=False / detector=False switch those parts off. A scorer is anything with
     similarity(images, texts) -> [B, T] (100 * cosine): EmojiScorer, classifiers.TransformersCLIPScorer.
@@ -281,13 +285,15 @@ def evaluate(
         final, stage_paths = run_patches(run)
         patches = [final]
     loaded = [load_patch(p) for p in patches]
-    erased_all = list(dict.fromkeys(c for p in loaded for c in p.concepts))
-    measured = concepts or [c for c in erased_all if c in benchmark.names] or list(benchmark.targets)
-    unknown = [c for c in (concepts or erased_all) if c not in benchmark.names]
-    if unknown:
-        log.warning("not in the %s benchmark, not measured: %s", benchmark.name, ", ".join(unknown))
-    measured = [c for c in measured if c in benchmark.names]
-    kept = [c.name for c in benchmark.classes if c.name not in set(erased_all) | set(measured)]
+    specs = erased_specs(loaded)
+    erased_all = list(specs)
+    resolutions = resolve_concepts(benchmark, specs, concepts)
+    measured = list(dict.fromkeys(c for r in resolutions for c in r.classes))
+    # Whatever the patches erased is never "kept", measured or not (a family's members included).
+    classes_of = {r.concept: r.classes for r in resolve_concepts(benchmark, specs, None, quiet=True)}
+    erased_classes = {c for cs in classes_of.values() for c in cs} | set(erased_all)
+    kept = [c.name for c in benchmark.classes if c.name not in erased_classes | set(measured)]
+    ctx.anchors = {c: r.superclass for r in resolutions if r.superclass for c in r.classes}
 
     states = _ModelStates(pipe, force=force)
     hashes = {"base": states.base_hash}
@@ -296,7 +302,8 @@ def evaluate(
         hashes[state] = states.use(state_patches)
         results[state] = _measure_state_cached(ctx, benchmark, hashes[state], measured, kept, scorer, detector,
                                                unsafe_jobs, "base model" if state == "base" else "patched model")
-    revival = _revival(ctx, states, benchmark, stage_paths, results["base"]["accuracy"]) if stage_paths else None
+    revival = (_revival(ctx, states, benchmark, stage_paths, results["base"]["accuracy"], classes_of)
+               if stage_paths else None)
     states.use([])  # leave the pipeline as it came
 
     report = _assemble(benchmark, settings, results, measured, kept, revival)
@@ -310,6 +317,8 @@ def evaluate(
         "benchmark": benchmark.name,
         "erased": erased_all,
         "measured": measured,
+        "resolution": {r.concept: {"measured": list(r.classes), "not_measured": list(r.not_measured), "how": r.how,
+                                   "superclass": r.superclass} for r in resolutions},
         "classifier": {"name": classifier.name, "path": getattr(classifier, "path", None)},
         "scorer": type(scorer).__name__ if scorer is not None else None,
         "settings": settings_dict(settings),
@@ -340,6 +349,39 @@ def evaluate(
             except ValueError as exc:  # a ledger not written by `erase`: nothing to summarise
                 log.warning("no model card: %s", exc)
     return report
+
+
+def erased_specs(patches: list[Patch]) -> dict[str, dict]:
+    """Every concept the patches erased, by name, with its spec where the patch carries it (name,
+    superclass, synonyms, members; sculpt-patch/2), else just its name."""
+    specs: dict[str, dict] = {}
+    for p in patches:
+        for e in p.metadata.get("erased") or []:
+            specs.setdefault(e["concept"]["name"], e["concept"])
+        for c in p.concepts:
+            specs.setdefault(c, {"name": c, "superclass": p.metadata.get("superclasses", {}).get(c)})
+    return specs
+
+
+def resolve_concepts(bench: Benchmark, specs: dict[str, dict], concepts: list[str] | None, quiet: bool = False) -> list:
+    """What to measure for each erased concept (or for each of `concepts`, named by the caller), and
+    what cannot be measured, said in the log: never another list in their place. With no patch and
+    no names, the benchmark's targets (the original model's row of the paper's table)."""
+    if concepts:
+        chosen = [specs.get(c, {"name": c}) for c in concepts]
+    elif specs:
+        chosen = list(specs.values())
+    else:
+        chosen = [{"name": t} for t in bench.targets]
+    out = [bench.resolve(spec) for spec in chosen]
+    for r in [] if quiet else out:
+        if not r.classes:
+            log.warning("%s: no class of the %s benchmark matches it or its members; not measured", r.concept, bench.name)
+        elif r.not_measured:
+            log.warning("%s: measured as %s; no class for %s", r.concept, ", ".join(r.classes), ", ".join(r.not_measured))
+        elif r.classes != (r.concept,):
+            log.info("%s: measured as %s (%s)", r.concept, ", ".join(r.classes), r.how)
+    return out
 
 
 def _defaults(model, benchmark, classifier, scorer, detector, settings, device):
@@ -430,7 +472,7 @@ def _measure_state(ctx: _Context, bench: Benchmark, mhash: str, measured, kept, 
         "grid": {c: by_class[c][: s.grid_pictures] for c in shown},  # for the before/after pictures
     }
     for c in measured:
-        members = [label[m.name] for m in bench.superclass_members(c)]
+        members = [label[m.name] for m in bench.superclass_members(c, ctx.anchors.get(c))]
         if members:
             out["coherence"][c] = M.superclass_coherence(pred[c], members)
             out["neighbour_share"][c] = M.superclass_coherence(pred[c], [m for m in members if m != label[c]])
@@ -482,12 +524,16 @@ def _quality(ctx: _Context, bench: Benchmark, by_class, feats, measured, kept, s
     return out
 
 
-def _revival(ctx: _Context, states: _ModelStates, bench: Benchmark, stage_paths: list[Path], base_acc) -> dict:
-    """Accuracy of every concept of the run after every stage's cumulative patch (column 0: base)."""
+def _revival(ctx: _Context, states: _ModelStates, bench: Benchmark, stage_paths: list[Path], base_acc,
+             classes_of: dict[str, tuple[str, ...]]) -> dict:
+    """Accuracy of every concept of the run (a family: each member) after every stage's cumulative
+    patch (column 0: base)."""
     n = ctx.settings.n_revival or ctx.settings.n
     stages = [load_patch(p) for p in stage_paths]
-    concepts = [c for c in dict.fromkeys(c for p in stages for c in p.concepts) if c in bench.names]
-    erased_at = [next(j + 1 for j, p in enumerate(stages) if c in p.concepts) for c in concepts]
+    measured_by_stage = [[m for c in p.concepts for m in classes_of.get(c, (c,) if c in bench.names else ())]
+                         for p in stages]
+    concepts = list(dict.fromkeys(m for ms in measured_by_stage for m in ms))
+    erased_at = [next(j + 1 for j, ms in enumerate(measured_by_stage) if c in ms) for c in concepts]
     label = {c: ctx.classifier.label_id(bench[c].label) for c in concepts}
     columns = [[base_acc.get(c, float("nan")) for c in concepts]]
     if n != ctx.settings.n:  # the base column must use the same n as the others
