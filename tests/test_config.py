@@ -73,3 +73,22 @@ def test_missing_file(tmp_path):
 
 def test_not_yaml():
     assert "not valid YAML" in _error("concepts: [a, b\n")
+
+
+FAMILY = """\
+model: emoji
+concepts:
+  - name: weapon
+    superclass: tool
+    synonyms: [gun, dagger]
+    members: [dagger, axe]
+"""
+
+
+def test_a_family_names_its_members_and_trains_on_every_word_once():
+    c = parse_spec(FAMILY).concepts[0]
+    assert c.members == ["dagger", "axe"] and c.words == ["weapon", "gun", "dagger", "axe"]
+    assert c.concept_prompts("a photo of a {}") == ["a photo of a weapon", "a photo of a gun", "a photo of a dagger",
+                                                    "a photo of an axe"]
+    msg = _error(FAMILY.replace("[dagger, axe]", "[dagger, '']"))
+    assert "spec.yaml:6" in msg and "members" in msg and "empty" in msg

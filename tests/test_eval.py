@@ -487,3 +487,24 @@ def test_a_concept_the_benchmark_cannot_measure_is_named_and_no_other_list_is_me
     assert m["resolution"]["unicorn"] == {"measured": [], "not_measured": ["unicorn"],
                                           "how": "no class of the benchmark", "superclass": "animal"}
     assert any("unicorn" in r.getMessage() and "not measured" in r.getMessage() for r in caplog.records)
+
+
+def test_the_unsafe_table_counts_what_the_detector_says_picture_by_picture(tiny_pipe, tmp_path):
+    """Per class, the table's count is the number of pictures whose detector score reaches the threshold
+    (a picture once per class), 'any' those with at least one class; the bench row carries the same."""
+    from sculpt.bench import metrics_row
+
+    detector = ClassifierDetector(StandInClassifier(), ["car", "dog", "tree"], threshold=0.3)
+    settings = toy_settings(n_unsafe=8)
+    m = toy_evaluate(tiny_pipe, settings=settings, detector=detector, cache=tmp_path / "cache")
+    jobs = [Job("something fast", s) for s in settings.seeds(8)]
+    pictures = generate(tiny_pipe, jobs, FAST, model_hash(tiny_pipe), ImageCache(tmp_path / "cache"), 16)
+    scores = detector.detect(pictures)
+    expected = {c: sum(s[c] >= 0.3 for s in scores) for c in ("car", "dog", "tree")}
+    expected["any"] = sum(any(s[c] >= 0.3 for c in ("car", "dog", "tree")) for s in scores)
+    counts = m["unsafe"]["model"]
+    assert {k: counts[k] for k in expected} == expected and counts["images"] == 8
+    assert any(0 < expected[c] < 8 for c in ("car", "dog", "tree"))  # a sample where the threshold decides
+    row = metrics_row("x", m)
+    assert {c: row[f"unsafe:{c}"] for c in ("car", "dog", "tree")} == {c: expected[c] for c in ("car", "dog", "tree")}
+    assert row["unsafe_total"] == expected["any"]

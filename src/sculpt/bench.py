@@ -555,6 +555,11 @@ def metrics_row(label: str, m: dict, state: str = "model") -> dict[str, Any]:
     row["coherence"] = _coherence(m, state)
     row["clip"] = _quality(m, "clip_kept", state)
     row["fid"] = _quality(m, "fid", state)
+    if "unsafe" in m:  # the paper's unsafe table: detector counts per class on the unsafe prompts
+        counts = m["unsafe"]["base" if base else "model"]
+        for c in m["unsafe"]["detector"].get("classes", []):
+            row[f"unsafe:{c}"] = counts.get(c)
+        row["unsafe_total"] = counts.get("any")
     return row
 
 
@@ -573,13 +578,15 @@ def collect_rows(out: Path, labels: list[str]) -> list[dict[str, Any]]:
 
 def _columns(rows: list[dict]) -> list[str]:
     concepts = list(dict.fromkeys(k for r in rows for k in r if k.startswith("acc:")))
+    unsafe = list(dict.fromkeys(k for r in rows for k in r if k.startswith("unsafe:")))
+    unsafe += ["unsafe_total"] if unsafe else []
     return ["method", *concepts, "total_acc", "preservation_acc", "preservation_drop", "coherence", "clip", "fid",
-            *COST_COLUMNS]
+            *unsafe, *COST_COLUMNS]
 
 
 HEADERS = {"method": "method", "total_acc": "Total Acc ↓", "preservation_acc": "kept acc ↑",
            "preservation_drop": "drop ↓", "coherence": "coherence ↑", "clip": "CLIP ↑", "fid": "FID ↓",
-           "fit_s": "fit s", "wall_s": "wall s", "peak_mem_mb": "peak MB", "memory_measure": "memory"}
+           "unsafe_total": "unsafe pictures ↓", "fit_s": "fit s", "wall_s": "wall s", "peak_mem_mb": "peak MB", "memory_measure": "memory"}
 
 
 def _fmt(key: str, v: Any) -> str:
@@ -604,7 +611,7 @@ def write_tables(rows: list[dict], out: Path, command: str | None = None, title:
         w.writerow(cols)
         for r in rows:
             w.writerow(["" if r.get(c) is None else r.get(c) for c in cols])
-    head = [HEADERS.get(c, c.removeprefix("acc:")) for c in cols]
+    head = [HEADERS.get(c, c.removeprefix("acc:").replace("unsafe:", "# ")) for c in cols]
     lines = [f"# {title or 'sculpt bench'}", ""]
     if command:
         lines += ["Produced by:", "", f"    {command}", ""]
@@ -618,6 +625,9 @@ def write_tables(rows: list[dict], out: Path, command: str | None = None, title:
               "classes; FID on kept classes (classifier features). fit s: sum of per-stage seconds (the method's "
               "own work); wall s: the whole erase call with the shared data already made; peak MB: see the "
               "memory column (sculpt/bench.py explains each measure)."]
+    if "unsafe_total" in cols:
+        lines += ["", "# <class>: pictures of the unsafe prompts the detector flags for that class; unsafe pictures: "
+                  "pictures flagged for any class (the paper's NudeNet table, in this benchmark's classes)."]
     if resumed:
         lines += ["", f"Resumed runs (their time and memory cover only the resumed part): {', '.join(resumed)}."]
     (out / "bench.md").write_text("\n".join(lines) + "\n")

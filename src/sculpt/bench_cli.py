@@ -40,6 +40,9 @@ def add_commands(subparsers) -> None:
                    help="smoke run: step counts / 10 and 8 pictures per prompt (numbers mean nothing)")
     b.add_argument("--no-quality", action="store_true", help="skip CLIP analogue and FID")
     b.add_argument("--unsafe", action="store_true", help="also count unsafe pictures (off by default)")
+    b.add_argument("--unsafe-family", action="store_true",
+                   help="emoji world: erase the weapons family (the demo --unsafe spec) instead of targets, "
+                        "and tabulate weapon pictures on the implicit prompts per method")
     b.add_argument("--in-process", action="store_true",
                    help="run every method in this process (faster start; peak memory is then only an "
                         "RSS-rise lower bound on CPU)")
@@ -84,7 +87,14 @@ def cmd_bench(args) -> int:
         if missing:
             return _fail(f"not in the emoji taxonomy: {', '.join(missing)}")
         model, emoji = "emoji", True
-        concepts = demo_spec(targets, out).concepts
+        if args.unsafe_family:
+            from sculpt.emoji.demo import unsafe_spec
+
+            if args.targets != ["all"]:
+                return _fail("--unsafe-family erases the weapons family; leave --targets out")
+            concepts = unsafe_spec(out).concepts
+        else:
+            concepts = demo_spec(targets, out).concepts
         data = dict(EMOJI_DATA)
         presets = EMOJI_PRESETS
     try:
@@ -100,7 +110,8 @@ def cmd_bench(args) -> int:
     settings = EvalSettings(
         n=n, n_paraphrase=args.n_paraphrase or max(4, n // 4), n_revival=min(args.n_revival, n),
         seed=args.seed, sampler=sampler_from_args(args, model),
-        quality=not args.no_quality, paraphrases=not args.quick, unsafe=args.unsafe,
+        quality=not args.no_quality, paraphrases=not args.quick, unsafe=args.unsafe or args.unsafe_family,
+        n_unsafe=n,
     )
     classifier = scorer = None
     if not emoji:

@@ -61,7 +61,11 @@ def cmd_generate(args) -> int:
 def cmd_demo(args) -> int:
     from sculpt.emoji.demo import run_demo
 
-    run_demo(all_targets=args.all, output=Path(args.output), quick=args.quick)
+    if args.all and args.unsafe:
+        print("error: --all and --unsafe are two different demos; choose one", file=sys.stderr)
+        return 2
+    run_demo(all_targets=args.all, output=Path(args.output) if args.output else None, quick=args.quick,
+             unsafe=args.unsafe)
     return 0
 
 
@@ -119,8 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="erase emoji concepts on the bundled model, evaluate, draw a grid")
     d.add_argument("--all", action="store_true", help="all ten targets instead of a few")
+    d.add_argument("--unsafe", action="store_true",
+                   help="erase the weapons family instead and count weapon pictures on implicit prompts")
     d.add_argument("--quick", action="store_true", help="smaller samples (a smoke run)")
-    d.add_argument("--output", default="runs/demo")
+    d.add_argument("--output", help="default: runs/demo (runs/demo-unsafe with --unsafe)")
     d.set_defaults(func=cmd_demo)
 
     m = sub.add_parser("methods", help="list the erasure methods")
@@ -140,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sculpt.bench_cli import add_commands as add_bench
 
     add_bench(sub)  # bench
+    from sculpt.attacks.commands import add_commands as add_attack
+
+    add_attack(sub)  # attack
     return p
 
 

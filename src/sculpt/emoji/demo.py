@@ -3,6 +3,8 @@
 Erases a few of the ten targets one after another with the paper's method (settings scaled to the
 small model, below), measures before and after with the emoji classifier and scorer, prints the
 table and writes an image grid (prompt rows; base / erased columns). `--all` erases all ten.
+`--unsafe` erases the weapons family instead (the paper's unsafe-content experiment in this world)
+and prints the paper-style table: weapon pictures on implicit prompts, base vs erased.
 """
 
 from __future__ import annotations
@@ -52,6 +54,28 @@ def anchor_negative_prompt(concept: str) -> str:
     return "" if concept in ANCHOR_WITHOUT_NEGATIVE else concept
 
 
+# The unsafe experiment: the weapons family (seven classes) erased as one concept. Its anchor is the
+# world's superclass named by the Unicode subgroup most members share ("tool": dagger, axe, bomb, bow
+# and arrow, crossed swords), a rule on the taxonomy, not a choice on measured results. The anchor
+# images take the family's name as negative prompt (the paper), checked by the same rule as the
+# targets' anchors: `python benchmarks/emoji_anchors.py --family` (docs/results.md).
+UNSAFE_FAMILY = "weapon"
+UNSAFE_ANCHOR = "tool"
+
+
+def unsafe_spec(output: Path, method: dict | None = None) -> RunConfig:
+    """The weapons family as one concept: its members (measured one by one by the evaluation) and
+    every word the world has for them (trained on)."""
+    from sculpt.emoji.taxonomy import load_taxonomy
+
+    tax = load_taxonomy()
+    words = [s for w in tax.weapons for s in w.synonyms]
+    concept = {"name": UNSAFE_FAMILY, "superclass": UNSAFE_ANCHOR, "members": list(tax.weapon_names),
+               "synonyms": words, "negative_prompt": UNSAFE_FAMILY}
+    return RunConfig(model="emoji", output=str(output), mode="sequential",
+                     method={**EMOJI_METHOD, **(method or {})}, data=EMOJI_DATA, concepts=[concept])
+
+
 def demo_spec(targets: list[str], output: Path, method: dict | None = None) -> RunConfig:
     """Concept specs straight from the taxonomy: name, superclass, synonyms."""
     from sculpt.emoji.dataset import class_prompt
@@ -66,8 +90,9 @@ def demo_spec(targets: list[str], output: Path, method: dict | None = None) -> R
                      method={**EMOJI_METHOD, **(method or {})}, data=EMOJI_DATA, concepts=concepts)
 
 
-def run_demo(all_targets: bool = False, output: Path = Path("runs/demo"), quick: bool = False) -> dict:
+def run_demo(all_targets: bool = False, output: Path | None = None, quick: bool = False, unsafe: bool = False) -> dict:
     """Erase, evaluate, draw the grid, write the HTML report; print the table and where things are."""
+    from sculpt.emoji.dataset import class_prompt
     from sculpt.emoji.taxonomy import load_taxonomy
     from sculpt.erase import erase
     from sculpt.eval.evaluate import EvalSettings, default_image_cache, evaluate
@@ -75,10 +100,20 @@ def run_demo(all_targets: bool = False, output: Path = Path("runs/demo"), quick:
     from sculpt.report import write_report
 
     t0 = time.perf_counter()
-    output = Path(output)
-    targets = list(load_taxonomy().target_names) if all_targets else list(DEMO_TARGETS)
-    cfg = demo_spec(targets, output)
-    print(f"sculpt demo: erasing {', '.join(targets)} from the emoji world, one after another", flush=True)
+    tax = load_taxonomy()
+    output = Path(output or ("runs/demo-unsafe" if unsafe else "runs/demo"))
+    if unsafe:
+        cfg = unsafe_spec(output)
+        print(f"sculpt demo --unsafe: erasing the {UNSAFE_FAMILY} family ({', '.join(tax.weapon_names)}) from the "
+              f"emoji world, mapped onto '{UNSAFE_ANCHOR}'", flush=True)
+        grid_prompts = [class_prompt(w) for w in (*tax.weapon_names, UNSAFE_ANCHOR)]
+        title = f"sculpt demo --unsafe: {UNSAFE_FAMILY} -> {UNSAFE_ANCHOR}"
+    else:
+        targets = list(tax.target_names) if all_targets else list(DEMO_TARGETS)
+        cfg = demo_spec(targets, output)
+        print(f"sculpt demo: erasing {', '.join(targets)} from the emoji world, one after another", flush=True)
+        grid_prompts = [p for t in targets for p in (class_prompt(t), class_prompt(tax[t].superclass))]
+        title = "sculpt demo: " + ", ".join(targets)
     pipe = load_pipeline("emoji")  # loaded once: erasure, evaluation and grid see the same base weights
     base = {n: t.clone() for n, t in pipe.unet.state_dict().items()}
     result = erase(cfg, pipe=pipe)
@@ -87,18 +122,22 @@ def run_demo(all_targets: bool = False, output: Path = Path("runs/demo"), quick:
     pipe.unet.load_state_dict(base)
 
     # What the table prints, no more: forgetting, kept classes, coherence, scorer and FID on the kept
-    # classes (quality), synonyms and held-out paraphrases, revival over the stages; no unsafe counts.
+    # classes (quality), synonyms and held-out paraphrases, revival over the stages; unsafe counts on
+    # the implicit prompts only in the unsafe demo (16 prompts x n pictures).
     n = 8 if quick else (50 if all_targets else 16)
-    settings = EvalSettings(n=n, n_paraphrase=max(4, n // 4), quality=True, unsafe=False,
+    settings = EvalSettings(n=n, n_paraphrase=max(4, n // 4), n_unsafe=n, quality=True, unsafe=unsafe,
                             paraphrases=not quick).for_model("emoji")
     print(f"evaluating base and erased model ({n} pictures per class prompt, "
           f"{settings.sampler.scheduler} {settings.sampler.steps} steps {settings.sampler.precision})", flush=True)
     t_eval = time.perf_counter()
     metrics = evaluate(model="emoji", pipe=pipe, run=result.output, out=output / "eval", settings=settings)
     t_eval = time.perf_counter() - t_eval
-    grid = write_demo_grid(pipe, base, erased, targets, output / "demo_grid.png", settings.sampler, default_image_cache())
-    report = write_report([output], output / "report.html", title="sculpt demo: " + ", ".join(targets))
+    grid = write_demo_grid(pipe, base, erased, grid_prompts, output / "demo_grid.png", settings.sampler,
+                           default_image_cache())
+    report = write_report([output], output / "report.html", title=title)
     print_table(metrics)
+    if unsafe:
+        print_unsafe_table(metrics)
     print(f"\nreport:  {report}\ngrid:    {grid}\nmetrics: {output / 'eval' / 'metrics.json'}\n"
           f"patch:   {result.patch_path}\nwall time: {time.perf_counter() - t0:.0f}s "
           f"(erasure {t_erase:.0f}s, evaluation {t_eval:.0f}s)")
@@ -107,11 +146,16 @@ def run_demo(all_targets: bool = False, output: Path = Path("runs/demo"), quick:
 
 def print_table(m: dict) -> None:
     f = m["forgetting"]
+    for name, r in m.get("resolution", {}).items():
+        if r["measured"] != [name]:
+            print(f"\n{name}: measured as its members {', '.join(r['measured'])}"
+                  + (f"; no class for {', '.join(r['not_measured'])}" if r["not_measured"] else ""))
     print(f"\n{'concept':<22}{'base acc':>10}{'erased acc':>12}{'-> superclass':>15}")
     for c, acc in f["per_concept"].items():
         coh = m["superclass_coherence"][c]["model"]
         print(f"{c:<22}{f['base_per_concept'][c]:>10.2f}{acc:>12.2f}{coh if coh is not None else float('nan'):>15.2f}")
-    print(f"{'Total Acc (erased)':<22}{f['base_total_acc']:>10.2f}{f['total_acc']:>12.2f}")
+    if f["per_concept"]:
+        print(f"{'Total Acc (erased)':<22}{f['base_total_acc']:>10.2f}{f['total_acc']:>12.2f}")
     p = m["preservation"]
     print(f"{'kept classes acc':<22}{p['base_acc']:>10.2f}{p['acc']:>12.2f}   (drop {100 * p['drop']:.1f} points)")
     q = m.get("quality", {})
@@ -128,18 +172,28 @@ def print_table(m: dict) -> None:
         print(f"{'revival':<22}  after each later stage, threshold {r['threshold']:.2f}: {revived}")
 
 
-def write_demo_grid(pipe, base: dict, erased: dict, targets: list[str], path: Path, sampler, cache=None,
+def print_unsafe_table(m: dict) -> None:
+    """The paper's unsafe table in this world: detector counts per unsafe class on the implicit
+    prompts, base vs erased, the total, the reduction, and what it cost the kept classes."""
+    u = m["unsafe"]
+    base, model, d = u["base"], u["model"], u["detector"]
+    print(f"\nunsafe pictures on {d['prompts']} implicit prompts x {m['settings']['n_unsafe']} seeds "
+          f"({model['images']} pictures; {d.get('name', 'detector')}, threshold {d.get('threshold')})")
+    print(f"{'class':<22}{'base':>10}{'erased':>12}")
+    for c in d.get("classes", [k for k in base if k not in ("any", "images")]):
+        print(f"{c:<22}{base[c]:>10d}{model[c]:>12d}")
+    reduction = 100 * (1 - model["any"] / base["any"]) if base["any"] else float("nan")
+    print(f"{'total (any class)':<22}{base['any']:>10d}{model['any']:>12d}   (reduction {reduction:.1f}%)")
+
+
+def write_demo_grid(pipe, base: dict, erased: dict, prompts: list[str], path: Path, sampler, cache=None,
                     n: int = 4, seed: int = 0) -> Path:
-    """Rows: each erased concept's prompt and its superclass's; columns: n base pictures | n erased
-    pictures, seeds seed..seed+n-1: the evaluation's own pictures (same sampler, same cache)."""
-    from sculpt.emoji.dataset import class_prompt
-    from sculpt.emoji.taxonomy import load_taxonomy
+    """Rows: the prompts (each erased concept's and its superclass's); columns: n base pictures | n
+    erased pictures, seeds seed..seed+n-1: the evaluation's own pictures (same sampler, same cache)."""
     from sculpt.eval.sampling import Job, generate
     from sculpt.models.loading import model_hash
     from sculpt.report.images import image_grid
 
-    tax = load_taxonomy()
-    prompts = [p for t in targets for p in (class_prompt(t), class_prompt(tax[t].superclass))]
     jobs = [Job(p, seed + i) for p in prompts for i in range(n)]
 
     def draw(state):

@@ -260,6 +260,12 @@ def _details(m: dict) -> str:
                    for c, v in m["preservation"]["per_class"].items())
     out = ["<details><summary>kept classes</summary><table><tr><th>class</th><th>base</th><th>patched</th>"
            f"<th>drop</th></tr>{rows}</table></details>"]
+    said = [(c, r) for c, r in m.get("resolution", {}).items() if r["measured"] != [c] or r["not_measured"]]
+    if said:  # a family measured through its members, or a concept the benchmark cannot measure
+        out.insert(0, "<p class=note>" + "; ".join(
+            f"{_e(c)}: measured as {_e(', '.join(r['measured']) or 'nothing')}"
+            + (f" (no benchmark class for {_e(', '.join(r['not_measured']))})" if r["not_measured"] else "")
+            for c, r in said) + "</p>")
     leak = m.get("paraphrase_leakage", {})
     lrows = "".join(f"<tr><td>{_e(kind)}</td><td>{_e(c)}</td><td>{_e(p)}</td><td>{_pct(a)}</td></tr>"
                     for kind, v in leak.items() for c, ps in v["per_prompt"].items() for p, a in ps.items())
