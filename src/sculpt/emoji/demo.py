@@ -144,6 +144,11 @@ def run_demo(all_targets: bool = False, output: Path | None = None, quick: bool 
     return metrics
 
 
+def _f(v, digits: int = 2) -> str:
+    """A measured number, or '-' where nothing was measured (None / NaN)."""
+    return "-" if v is None or v != v else f"{v:.{digits}f}"
+
+
 def print_table(m: dict) -> None:
     f = m["forgetting"]
     for name, r in m.get("resolution", {}).items():
@@ -153,19 +158,20 @@ def print_table(m: dict) -> None:
     print(f"\n{'concept':<22}{'base acc':>10}{'erased acc':>12}{'-> superclass':>15}")
     for c, acc in f["per_concept"].items():
         coh = m["superclass_coherence"][c]["model"]
-        print(f"{c:<22}{f['base_per_concept'][c]:>10.2f}{acc:>12.2f}{coh if coh is not None else float('nan'):>15.2f}")
+        print(f"{c:<22}{_f(f['base_per_concept'][c]):>10}{_f(acc):>12}{_f(coh):>15}")
     if f["per_concept"]:
-        print(f"{'Total Acc (erased)':<22}{f['base_total_acc']:>10.2f}{f['total_acc']:>12.2f}")
+        print(f"{'Total Acc (erased)':<22}{_f(f['base_total_acc']):>10}{_f(f['total_acc']):>12}")
     p = m["preservation"]
-    print(f"{'kept classes acc':<22}{p['base_acc']:>10.2f}{p['acc']:>12.2f}   (drop {100 * p['drop']:.1f} points)")
+    drop = 100 * p["drop"] if p["drop"] is not None else None
+    print(f"{'kept classes acc':<22}{_f(p['base_acc']):>10}{_f(p['acc']):>12}   (drop {_f(drop, 1)} points)")
     q = m.get("quality", {})
     if "clip_kept" in q:
-        print(f"{'scorer (kept)':<22}{q['clip_kept']['base']:>10.2f}{q['clip_kept']['model']:>12.2f}")
+        print(f"{'scorer (kept)':<22}{_f(q['clip_kept']['base']):>10}{_f(q['clip_kept']['model']):>12}")
     if "fid" in q:
-        print(f"{'FID (kept)':<22}{q['fid']['base']:>10.2f}{q['fid']['model']:>12.2f}")
+        print(f"{'FID (kept)':<22}{_f(q['fid']['base']):>10}{_f(q['fid']['model']):>12}")
     if "paraphrase_leakage" in m:
         for kind, v in m["paraphrase_leakage"].items():
-            print(f"{'leakage: ' + kind:<22}{v['base_mean']:>10.2f}{v['mean']:>12.2f}")
+            print(f"{'leakage: ' + kind:<22}{_f(v['base_mean']):>10}{_f(v['mean']):>12}")
     if m.get("revival"):
         r = m["revival"]
         revived = ", ".join(f"{x['concept']} (stage {x['stage']})" for x in r["revived"]) or "none"
