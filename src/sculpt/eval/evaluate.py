@@ -276,7 +276,7 @@ def evaluate(
 
         pipe = load_pipeline(model, device=device)
     benchmark, classifier, scorer, detector = _defaults(model, benchmark, classifier, scorer, detector, settings, device)
-    image_cache = _cache(cache)
+    image_cache = as_image_cache(cache)
     ctx = _Context(pipe, settings, classifier, image_cache,
                    metrics_cache=MetricsCache(image_cache.root / "metrics") if image_cache else None, progress=progress)
 
@@ -384,7 +384,9 @@ def resolve_concepts(bench: Benchmark, specs: dict[str, dict], concepts: list[st
     return out
 
 
-def _defaults(model, benchmark, classifier, scorer, detector, settings, device):
+def default_benchmark_and_classifier(model: str, benchmark=None, classifier=None, device: str = "cpu"):
+    """The given benchmark and classifier, else the model's: the emoji world's own for "emoji", the
+    Imagenette benchmark for a real model (whose classifier the caller must give: ValueError)."""
     emoji = model == "emoji"
     if benchmark is None:
         from sculpt.eval.benchmark import emoji_benchmark, imagenette_benchmark
@@ -397,6 +399,12 @@ def _defaults(model, benchmark, classifier, scorer, detector, settings, device):
         from sculpt.eval.classifiers import EmojiWorldClassifier
 
         classifier = EmojiWorldClassifier(device=device)
+    return benchmark, classifier
+
+
+def _defaults(model, benchmark, classifier, scorer, detector, settings, device):
+    emoji = model == "emoji"
+    benchmark, classifier = default_benchmark_and_classifier(model, benchmark, classifier, device)
     if scorer is None and emoji and settings.quality:
         from sculpt.emoji.scorer import WEIGHTS_PATH, load_scorer
 
@@ -410,7 +418,8 @@ def _defaults(model, benchmark, classifier, scorer, detector, settings, device):
     return benchmark, classifier, scorer or None, detector or None
 
 
-def _cache(cache) -> ImageCache | None:
+def as_image_cache(cache) -> ImageCache | None:
+    """True: the default folder; a folder or an ImageCache: that; False / None: no cache."""
     if cache is False or cache is None:
         return None
     if isinstance(cache, ImageCache):
