@@ -176,3 +176,18 @@ def test_bench_set_overrides_one_methods_preset_and_names_bad_settings(tmp_path,
     assert "esd-x" in capsys.readouterr().err
     assert run("--set", "lambda_kd=1") == 2
     assert "METHOD.FIELD=VALUE" in capsys.readouterr().err
+
+
+def test_bench_attacks_every_method_and_adds_a_column_per_attack(tmp_path, monkeypatch):
+    rows = bench(tmp_path, methods=("uce",), attacks=["ring-a-bell"])
+    found = json.loads((tmp_path / "bench" / "uce" / "attack" / "attack.json").read_text())
+    rates = [v["attacks"]["ring-a-bell"]["model"]["rate"] for v in found["concepts"].values()]
+    assert set(found["concepts"]) == {"cat", "car"} and found["n"] == 4
+    assert rows[1]["attack:ring-a-bell"] == pytest.approx(sum(rates) / len(rates))
+    assert rows[0].get("attack:ring-a-bell") is None  # the original model is not attacked
+    assert "under ring-a-bell ↓" in (tmp_path / "bench" / "bench.md").read_text()
+    # Finished attacks are found, not re-run.
+    import sculpt.attacks.run as attack_run
+
+    monkeypatch.setattr(attack_run, "attack", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-ran")))
+    assert bench(tmp_path, methods=("uce",), attacks=["ring-a-bell"]) == rows

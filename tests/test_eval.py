@@ -274,6 +274,22 @@ def test_nudenet_detector_uses_threshold_and_exposed_classes(monkeypatch):
         NudeNetDetector()
 
 
+def test_the_real_nudenet_runs_offline_and_flags_no_exposed_class_on_an_emoji_face():
+    """NudeNet's own ONNX model (shipped in its wheel): it runs without a network, sees a face in the
+    emoji world's grinning face, counts no exposed class at the paper's threshold, and says the same
+    twice."""
+    from sculpt.emoji.dataset import render
+    from sculpt.emoji.taxonomy import load_taxonomy
+    from sculpt.eval.detectors import NudeNetDetector
+
+    det = NudeNetDetector()
+    pictures = [render(load_taxonomy()["grinning face"].id, 3).resize((320, 320))]
+    first = det.detect(pictures)
+    assert det.detect(pictures) == first
+    assert any(label.startswith("FACE_") and score > 0.2 for label, score in first[0].items()), first
+    assert M.count_detections(first, det.classes, det.threshold)["any"] == 0
+
+
 # -- a whole evaluation of a run folder -----------------------------------------------------------
 
 

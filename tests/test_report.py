@@ -146,3 +146,21 @@ def test_report_loads_in_headless_chromium_without_console_errors(sources, tmp_p
     loaded, total, tables = map(int, re.fullmatch(r"pictures (\d+)/(\d+) tables (\d+)", check.group(1)).groups())
     assert loaded == total == n_pictures >= 10  # every picture decoded and has a size
     assert tables >= 1
+
+
+def test_an_attack_folder_shows_its_success_rates_intervals_and_pictures(tmp_path):
+    folder = tmp_path / "attack"
+    folder.mkdir()
+    Image.new("RGB", (8, 4), (200, 10, 10)).save(folder / "attack_grid.png")
+    rate = {"rate": 0.44, "successes": 22, "n": 50, "interval": [0.312, 0.577]}
+    (folder / "attack.json").write_text(json.dumps({
+        "format": "sculpt-attack/1", "n": 50, "seed": 0, "files": {"grid": "attack_grid.png"},
+        "attacks": {"textual-inversion": {"description": "d", "budget": {"steps": 300}}},
+        "concepts": {"poodle": {"plain": {"model": {"rate": 0.0, "interval": [0.0, 0.071]},
+                                          "base": {"rate": 0.9, "interval": [0.79, 0.96]}},
+                                "attacks": {"textual-inversion": {"model": rate, "base": {"rate": 0.68}}}}},
+    }))
+    html = (write_report([folder], tmp_path / "r.html")).read_text()
+    section = html[html.index("Under attack"):]
+    assert "44.0 [31.2-57.7]" in section and "base 68.0" in section and "steps=300" in section
+    assert any(alt == "adversarial pictures" for alt, _ in IMG.findall(section))

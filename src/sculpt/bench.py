@@ -317,6 +317,15 @@ def _run_finished(run_dir: Path, n_stages: int) -> bool:
     return s.is_file() and (run_dir / "bench.json").is_file() and len(json.loads(s.read_text())["stages"]) == n_stages
 
 
+def _attack_finished(attack_dir: Path, attacks: list[str], settings) -> bool:
+    a = attack_dir / "attack.json"
+    if not a.is_file():
+        return False
+    found = json.loads(a.read_text())
+    return set(found.get("attacks", {})) == set(attacks) and (found.get("n"), found.get("seed")) == (settings.n,
+                                                                                                 settings.seed)
+
+
 def _eval_finished(eval_dir: Path, settings) -> bool:
     m = eval_dir / "metrics.json"
     if not m.is_file():
@@ -347,6 +356,7 @@ def run_bench(
     command: str | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    attacks: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Erase `concepts` (sequentially, in order) with each method on a fresh copy of `model`, evaluate
     each run the same way, and write out/bench.md, out/bench.csv and out/report.html.
@@ -360,6 +370,9 @@ def run_bench(
     True unless pipe_factory is given (a Python callable cannot cross the process boundary; pass
     worker_factory="module:function" for the child processes instead).
     benchmark, classifier, scorer, detector, cache: passed to sculpt.eval.evaluate.
+    attacks: also attack each method's run with these (sculpt.attacks; its world budgets, the
+    evaluation's n and seed, no base-model control) and add a column per attack: the mean share of
+    attacked pictures classified as the erased concept.
     Returns the table rows: the original model first, then one per method, in `methods` order.
     """
     from sculpt.eval.evaluate import EvalSettings, evaluate
@@ -436,13 +449,25 @@ def run_bench(
         eval_dir = run_dir / "eval"
         if _eval_finished(eval_dir, settings):
             echo(f"bench: {label}: evaluation found, not re-run")
-            continue
-        echo(f"bench: {label}: evaluating ({settings.n} pictures per class prompt)")
-        if eval_pipe is None:
-            eval_pipe = _fresh(factory)
-        evaluate(model=model, run=run_dir, out=eval_dir, settings=settings, pipe=eval_pipe, benchmark=benchmark,
-                 classifier=classifier, scorer=scorer, detector=detector, cache=cache,
-                 device=str(eval_pipe.device), progress=progress)
+        else:
+            echo(f"bench: {label}: evaluating ({settings.n} pictures per class prompt)")
+            if eval_pipe is None:
+                eval_pipe = _fresh(factory)
+            evaluate(model=model, run=run_dir, out=eval_dir, settings=settings, pipe=eval_pipe, benchmark=benchmark,
+                     classifier=classifier, scorer=scorer, detector=detector, cache=cache,
+                     device=str(eval_pipe.device), progress=progress)
+        if attacks:
+            if _attack_finished(run_dir / "attack", attacks, settings):
+                echo(f"bench: {label}: attacks found, not re-run")
+                continue
+            from sculpt.attacks.run import attack
+
+            echo(f"bench: {label}: attacking with {', '.join(attacks)}")
+            if eval_pipe is None:
+                eval_pipe = _fresh(factory)
+            attack(model=model, run=run_dir, attacks=attacks, out=run_dir / "attack", seed=settings.seed, n=settings.n,
+                   control=False, pipe=eval_pipe, benchmark=benchmark, classifier=classifier, sampler=settings.sampler,
+                   cache=cache, device=str(eval_pipe.device), progress=progress)
 
     rows = collect_rows(out, list(cfgs))
     write_tables(rows, out, command=command, title=title)
@@ -563,6 +588,17 @@ def metrics_row(label: str, m: dict, state: str = "model") -> dict[str, Any]:
     return row
 
 
+def attack_columns(a: dict) -> dict[str, float]:
+    """Per attack, the mean over the attacked concepts of the share of pictures classified as the
+    erased concept (the patched model's)."""
+    out = {}
+    for name in a.get("attacks", {}):
+        rates = [v["attacks"][name]["model"]["rate"] for v in a.get("concepts", {}).values()
+                 if v.get("attacks", {}).get(name, {}).get("model")]
+        out[f"attack:{name}"] = sum(rates) / len(rates) if rates else None
+    return out
+
+
 def collect_rows(out: Path, labels: list[str]) -> list[dict[str, Any]]:
     """The original model's row (from the first evaluation) and one row per method folder."""
     rows = []
@@ -571,8 +607,10 @@ def collect_rows(out: Path, labels: list[str]) -> list[dict[str, Any]]:
         if not rows:
             rows.append({**metrics_row("original model", m, "base"), **{k: None for k in COST_COLUMNS}})
         cost = json.loads((out / label / "bench.json").read_text())
-        rows.append({**metrics_row(label, m), **{k: cost.get(k) for k in COST_COLUMNS},
-                     "resumed": cost.get("resumed", False)})
+        attacked = out / label / "attack" / "attack.json"
+        rows.append({**metrics_row(label, m), **(attack_columns(json.loads(attacked.read_text()))
+                                                if attacked.is_file() else {}),
+                     **{k: cost.get(k) for k in COST_COLUMNS}, "resumed": cost.get("resumed", False)})
     return rows
 
 
@@ -580,8 +618,9 @@ def _columns(rows: list[dict]) -> list[str]:
     concepts = list(dict.fromkeys(k for r in rows for k in r if k.startswith("acc:")))
     unsafe = list(dict.fromkeys(k for r in rows for k in r if k.startswith("unsafe:")))
     unsafe += ["unsafe_total"] if unsafe else []
+    attacked = list(dict.fromkeys(k for r in rows for k in r if k.startswith("attack:")))
     return ["method", *concepts, "total_acc", "preservation_acc", "preservation_drop", "coherence", "clip", "fid",
-            *unsafe, *COST_COLUMNS]
+            *unsafe, *attacked, *COST_COLUMNS]
 
 
 HEADERS = {"method": "method", "total_acc": "Total Acc ↓", "preservation_acc": "kept acc ↑",
@@ -611,7 +650,8 @@ def write_tables(rows: list[dict], out: Path, command: str | None = None, title:
         w.writerow(cols)
         for r in rows:
             w.writerow(["" if r.get(c) is None else r.get(c) for c in cols])
-    head = [HEADERS.get(c, c.removeprefix("acc:").replace("unsafe:", "# ")) for c in cols]
+    head = [HEADERS.get(c, c.removeprefix("acc:").replace("unsafe:", "# ").replace("attack:", "under ") + (
+        " ↓" if c.startswith("attack:") else "")) for c in cols]
     lines = [f"# {title or 'sculpt bench'}", ""]
     if command:
         lines += ["Produced by:", "", f"    {command}", ""]
@@ -625,6 +665,10 @@ def write_tables(rows: list[dict], out: Path, command: str | None = None, title:
               "classes; FID on kept classes (classifier features). fit s: sum of per-stage seconds (the method's "
               "own work); wall s: the whole erase call with the shared data already made; peak MB: see the "
               "memory column (sculpt/bench.py explains each measure)."]
+    if any(c.startswith("attack:") for c in cols):
+        lines += ["", "under <attack>: mean over the erased concepts of the share of pictures the classifier assigns to "
+                  "the concept when attacked (sculpt attack, the world's budgets, the evaluation's n and seeds); each "
+                  "run's attack/attack.json has the per-concept rates, intervals and budgets."]
     if "unsafe_total" in cols:
         lines += ["", "# <class>: pictures of the unsafe prompts the detector flags for that class; unsafe pictures: "
                   "pictures flagged for any class (the paper's NudeNet table, in this benchmark's classes)."]

@@ -40,6 +40,8 @@ def add_commands(subparsers) -> None:
                    help="smoke run: step counts / 10 and 8 pictures per prompt (numbers mean nothing)")
     b.add_argument("--no-quality", action="store_true", help="skip CLIP analogue and FID")
     b.add_argument("--unsafe", action="store_true", help="also count unsafe pictures (off by default)")
+    b.add_argument("--attacks", nargs="+", metavar="ATTACK",
+                   help="also attack every method's run with these (see `sculpt attack --list`): a column each")
     b.add_argument("--unsafe-family", action="store_true",
                    help="emoji world: erase the weapons family (the demo --unsafe spec) instead of targets, "
                         "and tabulate weapon pictures on the implicit prompts per method")
@@ -65,6 +67,12 @@ def cmd_bench(args) -> int:
         return _fail(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(available_methods())}")
     if len(set(methods)) != len(methods):
         return _fail("a method is listed twice")
+    if args.attacks:
+        from sculpt.attacks import available_attacks
+
+        bad = [a for a in args.attacks if a not in available_attacks()]
+        if bad:
+            return _fail(f"unknown attack(s) {', '.join(bad)}; known: {', '.join(available_attacks())}")
     for flag in ("n", "n_revival", "steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             return _fail(f"--{flag.replace('_', '-')} must be positive")
@@ -129,7 +137,8 @@ def cmd_bench(args) -> int:
     try:
         rows = run_bench(methods, concepts, model, out, presets=presets, data=data, eval_settings=settings,
                          isolate=not args.in_process, seed=args.seed, device=args.device,
-                         classifier=classifier, scorer=scorer, detector=None if args.unsafe else False,
+                         classifier=classifier, scorer=scorer,
+                         detector=None if args.unsafe or args.unsafe_family else False, attacks=args.attacks,
                          command="sculpt " + " ".join(shlex.quote(a) for a in sys.argv[1:])
                          if sys.argv[1:2] == ["bench"] else None)
     except BenchError as exc:

@@ -33,7 +33,8 @@ from safetensors.torch import save_file
 
 from sculpt.attacks.base import Attack, AttackError, AttackTarget, Sampling, make_attack
 from sculpt.eval.benchmark import photo_prompt
-from sculpt.eval.evaluate import as_image_cache, default_benchmark_and_classifier, run_patches
+from sculpt.eval.evaluate import (as_image_cache, default_benchmark_and_classifier, erased_specs,
+                                   resolve_concepts, run_patches)
 from sculpt.eval.sampling import ImageCache, Job, SamplerSettings, default_sampler, generate
 from sculpt.io import atomic_write, atomic_write_text
 from sculpt.ledger import append, file_sha256
@@ -160,8 +161,9 @@ def attack(
         benchmark, classifier = default_benchmark_and_classifier(model, benchmark, classifier, device)
     except ValueError as exc:
         raise AttackError(str(exc)) from None
-    erased = list(dict.fromkeys(c for p in loaded for c in p.concepts))
-    measured = list(dict.fromkeys(concepts or [c for c in erased if c in benchmark.names]))
+    specs = erased_specs(loaded)  # a family's members are attacked one by one, as the evaluation measures them
+    erased = list(specs)
+    measured = list(dict.fromkeys(concepts or [c for r in resolve_concepts(benchmark, specs, None) for c in r.classes]))
     if not measured:
         raise AttackError("no concept to attack: the patches name none in the benchmark; give concepts (--concepts)")
     unknown = [c for c in measured if c not in benchmark.names]

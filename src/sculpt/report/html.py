@@ -36,6 +36,8 @@ class Source:
     run_dir: Path | None = None
     records: list[dict] = field(default_factory=list)  # the run's metrics.jsonl
     summary: dict | None = None  # the run's summary.json
+    attack: dict | None = None  # a `sculpt attack` result (attack.json)
+    attack_dir: Path | None = None
 
 
 def load_source(path: str | Path) -> Source:
@@ -67,9 +69,18 @@ def load_source(path: str | Path) -> Source:
             src.records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
         if (run / "summary.json").is_file():
             src.summary = json.loads((run / "summary.json").read_text())
-    if src.metrics is None and src.run_dir is None:
-        raise ReportError(f"{path}: neither an evaluation folder (metrics.json) nor an erasure run "
-                          "(summary.json or metrics.jsonl)")
+    # A `sculpt attack` folder given directly, or the run's attack/ subfolder.
+    for folder in (path, path / "attack", *((src.run_dir / "attack",) if src.run_dir else ())):
+        if (folder / "attack.json").is_file():
+            try:
+                src.attack = json.loads((folder / "attack.json").read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                raise ReportError(f"{folder / 'attack.json'}: not valid JSON ({exc})") from None
+            src.attack_dir = folder
+            break
+    if src.metrics is None and src.run_dir is None and src.attack is None:
+        raise ReportError(f"{path}: neither an evaluation folder (metrics.json), an erasure run "
+                          "(summary.json or metrics.jsonl) nor an attack folder (attack.json)")
     return src
 
 
@@ -229,12 +240,47 @@ def source_section(s: Source) -> str:
             parts.append(f"<p class=warn>Revived (rise above {_pct(r['threshold'])} points):</p><ul>{items}</ul>")
         else:
             parts.append(f"<p class=note>No concept came back by more than {_pct(r['threshold'])} points.</p>")
+    if s.attack:
+        parts.append(attack_section(s))
     curves = plots.training_curves(s.records) if s.records else None
     if curves:
         parts += ["<h3>Training: loss terms and mask</h3>", _img(curves, "training curves")]
     if m:
         parts.append(_details(m))
     parts.append("</section>")
+    return "\n".join(parts)
+
+
+def attack_section(s: Source) -> str:
+    """`sculpt attack`: per concept, the share of pictures classified as the erased concept under its
+    plain prompt and under each attack (patched model, Wilson 95% interval; the base model beside it),
+    the budgets, and the adversarial pictures."""
+    a = s.attack
+
+    def cell(r: dict) -> str:
+        model, base = r.get("model"), r.get("base")
+        if not model:
+            return "-"
+        lo, hi = model.get("interval", [None, None])
+        text = f"{_pct(model['rate'])} [{_pct(lo)}-{_pct(hi)}]"
+        return text + (f"<br><small>base {_pct(base['rate'])}</small>" if base else "")
+
+    names = list(a.get("attacks", {}))
+    head = "".join(f"<th>{_e(n)}</th>" for n in ["concept", "plain prompt", *names])
+    rows = "".join(
+        f"<tr><td>{_e(c)}</td><td>{cell(v['plain'])}</td>"
+        + "".join(f"<td>{cell(v['attacks'].get(n, {}))}</td>" for n in names) + "</tr>"
+        for c, v in a.get("concepts", {}).items())
+    budgets = "; ".join(f"{_e(n)}: " + ", ".join(f"{_e(k)}={_e(v)}" for k, v in info.get("budget", {}).items()
+                                                 if not isinstance(v, (list, dict)))
+                        for n, info in a.get("attacks", {}).items())
+    parts = ["<h3>Under attack</h3>",
+             f"<table><tr>{head}</tr>{rows}</table>",
+             f"<p class=note>share of {a.get('n')} pictures (seeds from {a.get('seed')}) the classifier assigns to "
+             f"the erased concept, in %, with its Wilson 95% interval; budgets: {budgets}.</p>"]
+    grid = (s.attack_dir / a.get("files", {}).get("grid", "")) if s.attack_dir else None
+    if grid is not None and grid.is_file():
+        parts.append(_img(grid.read_bytes(), "adversarial pictures"))
     return "\n".join(parts)
 
 
