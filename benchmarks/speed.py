@@ -168,6 +168,9 @@ def _memory_child(mode: str) -> dict:
             self.noise_scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
             self.g = torch.Generator().manual_seed(0)
 
+        def per_process(self, n):
+            return n
+
         def concept_batch(self, n, data=None, replace=True):
             return torch.randn(n, 4, 64, 64, generator=self.g), torch.randn(n, 77, 768), torch.randn(n, 77, 768)
 

@@ -17,8 +17,9 @@ def cmd_erase(args) -> int:
     if args.output:
         cfg.output = args.output
     result = erase(cfg, progress=not args.quiet)
-    print(f"patch: {result.patch_path} ({len(result.patch.tensors)} tensors, "
-          f"{result.patch.nbytes() / 1e6:.2f} MB); forgot {', '.join(result.patch.concepts)}")
+    if result.main_process:  # under `accelerate launch` the other processes have nothing to say
+        print(f"patch: {result.patch_path} ({len(result.patch.tensors)} tensors, "
+              f"{result.patch.nbytes() / 1e6:.2f} MB); forgot {', '.join(result.patch.concepts)}")
     return 0
 
 

@@ -30,7 +30,7 @@ import logging
 import os
 import signal
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,6 +98,7 @@ class EraseResult:
     patch: Patch
     stages: list[dict[str, Any]]
     pipe: Any
+    main_process: bool = True  # False in the other processes of an `accelerate launch` run
 
 
 def config_hash(cfg: RunConfig) -> str:
@@ -239,13 +240,17 @@ def erase(cfg: RunConfig, pipe=None, progress: bool = True) -> EraseResult:
         raise RunError(f"already erased by the patches this run starts on: {', '.join(sorted(again))}; "
                        "remove them from the spec")
     check_image_size(pipe, image_size(pipe, cfg.data))
-    (out / "stages").mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(out / "erase.log")
+    # With several processes (`accelerate launch`) the main one owns the folder: its lock, its log,
+    # every file and ledger entry; the others train beside it.
+    main = accelerator.is_main_process
+    if main:
+        (out / "stages").mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out / "erase.log") if main else logging.NullHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     try:
-        with run_lock(out):
+        with run_lock(out) if main else nullcontext():
             return _erase(cfg, out, pipe, accelerator, existing, progress, stack, origin_hash)
     finally:
         log.removeHandler(handler)
@@ -295,9 +300,10 @@ def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, progress: boo
                 params[k.removeprefix("unet.")].copy_(v)
         method.load_state_dict(method_t)
         done_stages, summaries = meta["completed_stages"], meta["summaries"]
-        _drop_metrics_after(out / "metrics.jsonl", done_stages)  # steps of the stage that did not finish
+        if accelerator.is_main_process:
+            _drop_metrics_after(out / "metrics.jsonl", done_stages)  # steps of the stage that did not finish
         log.info("resuming %s after stage %d of %d", out, done_stages, len(stages))
-    else:
+    elif accelerator.is_main_process:
         atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         (out / "metrics.jsonl").write_text("")
         ledger.append(out / "ledger.jsonl", "run", base_model=cfg.model, base_hash=base_hash,
@@ -343,6 +349,7 @@ def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, progress: boo
         seconds = time.perf_counter() - t_stage
         if bar:
             bar.close()
+        _check_processes_agree(accelerator, trainable, method, i + 1)
         done += names
         result_hash = model_hash(pipe)
         patch = make_patch(pipe.unet, base, {
@@ -388,7 +395,22 @@ def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, progress: boo
     if done_stages == len(stages):
         patch = load_patch(patch_path)
         log.info("%s: the run was already complete", out)
-    return EraseResult(out, patch_path, patch, summaries, pipe)
+    return EraseResult(out, patch_path, patch, summaries, pipe, accelerator.is_main_process)
+
+
+def _check_processes_agree(accelerator, trainable: dict[str, torch.Tensor], method, stage: int) -> None:
+    """Several processes must end a stage on the same weights and method state (they average their
+    gradients, so the mask and the best epoch agree): compare a checksum of both across processes."""
+    if accelerator.num_processes == 1:
+        return
+    with torch.no_grad():
+        parts = [p.detach().double().sum().reshape(1) for p in trainable.values()]
+        parts += [m.double().sum().reshape(1) for m in method.state_dict().values()]
+        mine = torch.cat(parts).to(accelerator.device)
+    every = accelerator.gather(mine.unsqueeze(0))
+    if not all(torch.equal(every[0], row) for row in every):
+        raise RunError(f"stage {stage}: the {accelerator.num_processes} processes ended on different weights or "
+                       "method state; nothing of this stage is saved")
 
 
 def _drop_metrics_after(path: Path, completed: int) -> None:

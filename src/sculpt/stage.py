@@ -168,8 +168,33 @@ class StageContext:
             )
         else:
             sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-        model, optimizer, sched = self.accelerator.prepare(unet, optimizer, sched)
+        # The schedule is not given to accelerate: it would step it once per process per optimiser step,
+        # and with N processes end the schedule after total/N steps. Stepped here, once per step.
+        model, optimizer = self.accelerator.prepare(unet, optimizer)
         return model, optimizer, sched
+
+    def per_process(self, n: int) -> int:
+        """This process's share of a global batch of n (processes average their gradients, so the
+        global batch, not the per-process one, is the method's batch size)."""
+        k = self.accelerator.num_processes
+        if n % k:
+            raise ValueError(f"batch size {n} does not split over {k} processes; use a multiple of {k}")
+        return n // k
+
+    def loss_values(self, **terms: torch.Tensor) -> dict[str, float]:
+        """The loss terms as floats, averaged over the processes (the global batch's), in one host sync;
+        LossDivergedError in every process if one of them diverged (none is left waiting)."""
+        if self.accelerator.num_processes == 1:
+            return check_finite(**terms)
+        stacked = torch.stack([v.detach().float().reshape(()) for v in terms.values()])
+        return check_finite(**dict(zip(terms, self.accelerator.reduce(stacked, reduction="mean"))))
+
+    def mean_over_processes(self, value: float) -> float:
+        """One number averaged over the processes (e.g. an epoch's mean L_f for best-epoch selection, so
+        every process keeps the same epoch)."""
+        if self.accelerator.num_processes == 1:
+            return value
+        return float(self.accelerator.reduce(torch.tensor([value], device=self.device), reduction="mean"))
 
     # fp16 loss scaling (accelerate's GradScaler; None without fp16): a gradient read for anything but
     # the optimiser's step (the Dynamic Mask's importance) must be unscaled first, and an overflow

@@ -44,7 +44,7 @@ from torch import nn
 from sculpt.methods.base import ErasureMethod, MethodConfig, register
 from sculpt.methods.dynamic_mask import DynamicMask, drop_ratio, reset_optimizer_state
 from sculpt.models.loading import cross_attention_params
-from sculpt.stage import StageContext, check_finite, mse
+from sculpt.stage import StageContext, mse
 
 
 class SculptingConfig(MethodConfig):
@@ -105,7 +105,7 @@ class Sculpting(ErasureMethod):
 
     def losses(self, ctx: StageContext, model: nn.Module, teacher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         cfg = self.config
-        B = cfg.batch_size
+        B = ctx.per_process(cfg.batch_size)  # cfg.batch_size is the global batch over all processes
         x_c, c, s_c = ctx.concept_batch(B, replace=False)  # concept images, concept prompt, its superclass prompt
         x_s, s = ctx.anchor_batch(B, replace=False)  # superclass images and prompt
         t = ctx.timesteps(B)  # t_i: item i of every batch below is noised at t_i
@@ -140,7 +140,7 @@ class Sculpting(ErasureMethod):
 
     def warmup_loss(self, ctx: StageContext, model: nn.Module) -> torch.Tensor:
         """Plain denoising on the concept images: || eps_theta(x_c, t; c) - eps ||^2, t per sample."""
-        x_c, c, _ = ctx.concept_batch(self.config.batch_size, replace=False)
+        x_c, c, _ = ctx.concept_batch(ctx.per_process(self.config.batch_size), replace=False)
         t = ctx.timesteps(len(x_c))
         noise = ctx.noise_like(x_c)
         return mse(ctx.predict(model, ctx.add_noise(x_c, noise, t), t, c), ctx.target(x_c, noise, t))
@@ -167,7 +167,7 @@ class Sculpting(ErasureMethod):
                 # 1. Warm-up: accumulate gradient importance, no optimiser step.
                 loss = self.warmup_loss(ctx, model)
                 if cfg.reference:  # the script's epoch 0 loss is this denoising loss
-                    epoch_lf += check_finite(L_warmup=loss)["L_warmup"]
+                    epoch_lf += ctx.loss_values(L_warmup=loss)["L_warmup"]
                 ctx.accelerator.backward(loss)
                 if ctx.unscale_gradients(optimizer):
                     mask.accumulate()
@@ -179,7 +179,7 @@ class Sculpting(ErasureMethod):
                     density = mask.current_density()  # changes only with the mask: not recounted per step
                 # 2. Masked optimisation with periodic drop/grow.
                 terms = self.losses(ctx, model, teacher)
-                values = check_finite(**{k: v for k, v in terms.items() if k != "loss"})  # one host sync
+                values = ctx.loss_values(**{k: v for k, v in terms.items() if k != "loss"})  # one host sync
                 ctx.accelerator.backward(terms["loss"])
                 if i <= last_read and ctx.unscale_gradients(optimizer):
                     mask.accumulate()  # on the full gradient: inactive entries need importance to grow
@@ -202,7 +202,7 @@ class Sculpting(ErasureMethod):
                 })
             end_of_epoch = i + 1 == len(ticks) or ticks[i + 1].epoch != tick.epoch
             if end_of_epoch and tick.epoch >= 0:  # 3. best-epoch selection on the mean L_f
-                epoch_lf /= cfg.steps_per_epoch
+                epoch_lf = ctx.mean_over_processes(epoch_lf / cfg.steps_per_epoch)  # the same epoch everywhere
                 if not cfg.select_best_epoch or epoch_lf < best["L_f"]:
                     best = {"L_f": epoch_lf, "epoch": tick.epoch,
                             "weights": {n: p.detach().clone() for n, p in params.items()}}
