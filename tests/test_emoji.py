@@ -133,3 +133,41 @@ def test_demo_anchors_use_the_concept_as_negative_prompt_unless_it_removes_the_s
     assert ANCHOR_WITHOUT_NEGATIVE == {"poodle", "church"}
     assert negative["poodle"] == negative["church"] == ""
     assert all(negative[n] == n for n in negative if n not in ANCHOR_WITHOUT_NEGATIVE)
+
+
+def test_training_checkpoints_are_safetensors_and_resume_exactly(tmp_path):
+    """The emoji training script's checkpoint: weights, AdamW state and every RNG state in a safetensors
+    file with JSON metadata (nothing unpickled); resuming continues bit for bit."""
+    import random
+
+    import numpy as np
+
+    from sculpt.emoji.train import Run
+
+    def setup():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        return {"model": model}, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def step(modules, opt):
+        x = torch.randn(5, 4) + float(np.random.rand()) + random.random()
+        opt.zero_grad()
+        modules["model"](x).square().mean().backward()
+        opt.step()
+
+    modules, opt = setup()
+    for _ in range(3):
+        step(modules, opt)
+    run = Run(tmp_path / "run")
+    run.save(3, modules, opt)
+    for _ in range(2):
+        step(modules, opt)
+    straight = modules["model"].weight.detach().clone()
+
+    assert run.checkpoint_path.suffix == ".safetensors"
+    torch.manual_seed(123), np.random.seed(5), random.seed(7)  # noqa: B018  (disturb every RNG)
+    fresh, fresh_opt = setup()
+    assert Run(tmp_path / "run").resume(fresh, fresh_opt) == 3
+    for _ in range(2):
+        step(fresh, fresh_opt)
+    assert torch.equal(fresh["model"].weight, straight)

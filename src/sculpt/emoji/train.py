@@ -15,6 +15,7 @@ into src/sculpt/emoji/weights/ (fp16). Running a finished stage again does nothi
 
 import argparse
 import copy
+import json
 import math
 import os
 import random
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from sculpt.emoji import classifier as classifier_lib
 from sculpt.emoji import scorer as scorer_lib
@@ -34,6 +36,7 @@ from sculpt.emoji.pipeline import (
     PIPELINE_DIR, build_pipeline, new_unet, new_vae, save_emoji_pipeline, train_scheduler,
 )
 from sculpt.emoji.taxonomy import load_taxonomy
+from sculpt.io import atomic_write
 from sculpt.emoji.text_encoder import encode_prompts, load_text_encoder, load_tokenizer, sentence_embeddings
 
 # Held-out renders use a seed no training run uses; the training stream uses --seed (small numbers).
@@ -46,12 +49,13 @@ HELDOUT_PER_CLASS = 16
 
 
 class Run:
-    """A training run's folder: checkpoint.pt (atomic), log.txt, and the stage's final outputs."""
+    """A training run's folder: checkpoint.safetensors (atomic; tensors + JSON, no pickle), log.txt, and the
+    stage's final outputs."""
 
     def __init__(self, out: str | Path):
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.checkpoint_path = self.out / "checkpoint.pt"
+        self.checkpoint_path = self.out / "checkpoint.safetensors"  # tensors + JSON: nothing is unpickled
 
     def log(self, message: str) -> None:
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
@@ -60,16 +64,9 @@ class Run:
             f.write(line + "\n")
 
     def save(self, step: int, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer) -> None:
-        state = {
-            "step": step,
-            "modules": {name: m.state_dict() for name, m in modules.items()},
-            "optimizer": optimizer.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-        }
         # Write aside, then rename: a run killed mid-write leaves the previous checkpoint intact.
-        tmp = self.checkpoint_path.with_suffix(".pt.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint_path)
+        tensors, meta = training_state(step, modules, optimizer)
+        atomic_write(self.checkpoint_path, lambda tmp: save_file(tensors, tmp, metadata={"state": json.dumps(meta)}))
 
     def finished(self, steps: int) -> bool:
         """True when an earlier invocation trained this run to `steps` and exported it. A finished stage is
@@ -87,7 +84,7 @@ class Run:
         """Load the latest checkpoint if there is one; return the step to continue from."""
         if not self.checkpoint_path.exists():
             return 0
-        state = torch.load(self.checkpoint_path, weights_only=False)
+        state = read_training_state(self.checkpoint_path)
         for name, module in modules.items():
             module.load_state_dict(state["modules"][name])
         optimizer.load_state_dict(state["optimizer"])
@@ -96,6 +93,57 @@ class Run:
         random.setstate(state["rng"]["python"])
         self.log(f"resumed from step {state['step']}")
         return state["step"]
+
+
+def training_state(step: int, modules: dict[str, torch.nn.Module],
+                   optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """A training checkpoint as safetensors tensors plus JSON metadata: module weights, optimiser
+    state, step and the torch / numpy / Python RNG states."""
+    tensors = {f"modules/{name}/{k}": v.detach().contiguous() for name, m in modules.items()
+               for k, v in m.state_dict().items()}
+    opt = optimizer.state_dict()
+    plain: dict[str, dict] = {}
+    for pid, entries in opt["state"].items():
+        for k, v in entries.items():
+            if torch.is_tensor(v):
+                tensors[f"optimizer/{pid}/{k}"] = v.detach().contiguous()
+            else:
+                plain.setdefault(str(pid), {})[k] = v
+    tensors["rng/torch"] = torch.get_rng_state()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, py_gauss = random.getstate()
+    meta = {"step": step, "param_groups": opt["param_groups"], "optimizer_plain": plain,
+            "rng": {"numpy": [kind, keys.tolist(), pos, has_gauss, gauss], "python": [version, list(internal), py_gauss]}}
+    return tensors, meta
+
+
+def read_training_state(path: Path) -> dict:
+    """The inverse of training_state: {"step", "modules", "optimizer", "rng"} (no pickle involved)."""
+    from safetensors import safe_open
+
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: not a safetensors checkpoint; pickled checkpoints are not loaded")
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["state"])
+    modules: dict[str, dict] = {}
+    opt_state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        kind, rest = key.split("/", 1)
+        if kind == "modules":
+            name, k = rest.split("/", 1)
+            modules.setdefault(name, {})[k] = value
+        elif kind == "optimizer":
+            pid, k = rest.split("/", 1)
+            opt_state.setdefault(int(pid), {})[k] = value
+    for pid, entries in meta["optimizer_plain"].items():
+        opt_state.setdefault(int(pid), {}).update(entries)
+    kind, keys, pos, has_gauss, gauss = meta["rng"]["numpy"]
+    version, internal, py_gauss = meta["rng"]["python"]
+    return {"step": meta["step"], "modules": modules,
+            "optimizer": {"state": opt_state, "param_groups": meta["param_groups"]},
+            "rng": {"torch": tensors["rng/torch"], "numpy": (kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss),
+                    "python": (version, tuple(internal), py_gauss)}}
 
 
 def lr_at(step: int, base_lr: float, warmup: int, total: int, schedule: str) -> float:
@@ -369,7 +417,7 @@ def export_unet(run: Run, vae: AutoencoderKL, unet: UNet2DConditionModel, export
 def export_stage(args) -> None:
     """Re-export a stage's weights from its latest checkpoint (e.g. a UNet still training)."""
     run = Run(args.out)
-    state = torch.load(run.checkpoint_path, weights_only=False)
+    state = read_training_state(run.checkpoint_path)
     if args.stage == "classifier":
         model = classifier_lib.EmojiClassifier(num_classes=len(load_taxonomy()))
         model.load_state_dict(state["modules"]["model"])
