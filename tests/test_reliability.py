@@ -27,8 +27,8 @@ def model_dir(tmp_path_factory):
     return path
 
 
-def write_spec(folder, model_dir, steps=30, concepts=CONCEPTS, **method):
-    spec = {"model": str(model_dir), "output": "out",
+def write_spec(folder, model_dir, steps=30, concepts=CONCEPTS, train=None, **method):
+    spec = {"model": str(model_dir), "output": "out", "train": train or {},
             "method": {"lr": 1e-3, "epochs": 2, "steps_per_epoch": steps, "warmup_steps": 2,
                        "mask_update_every": 10, **method},
             "data": {"n_images": 2, "num_inference_steps": 2, "batch_size": 2, "cache_dir": "cache"},
@@ -81,6 +81,56 @@ def test_kill_9_mid_stage_then_resume_reaches_the_same_weights(tmp_path, model_d
     a, b = final_tensors(ref), final_tensors(run)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert verify_run(run / "out").ok
+
+
+def test_kill_9_inside_a_stage_resumes_from_its_last_step_bit_for_bit(tmp_path, model_dir):
+    """With a mid-stage checkpoint after every step, a run killed inside its first stage (no stage has
+    completed) goes on from the saved step, not from the start, and ends on the same weights."""
+    import json
+
+    from sculpt.erase import PROGRESS
+
+    ref = tmp_path / "ref"
+    write_spec(ref, model_dir, steps=20, concepts=CONCEPTS[:2])
+    p = start(ref)
+    assert p.wait(timeout=600) == 0, p.communicate()
+
+    run = tmp_path / "run"
+    write_spec(run, model_dir, steps=20, concepts=CONCEPTS[:2], train={"checkpoint_every_s": 0})
+    p = start(run)
+
+    def saved_step():
+        f = run / "out" / PROGRESS
+        try:
+            return load_progress_step(f)
+        except Exception:  # noqa: BLE001 - not written yet, or being replaced
+            return -1
+
+    wait_for(lambda: saved_step() >= 15, p)  # inside stage 1 (40 steps), past a drop/grow
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    at = saved_step()
+    assert load_checkpoint(run / "out") is None  # no stage had completed: only the mid-stage state exists
+    p = start(run)
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err
+    log = (run / "out" / "erase.log").read_text()
+    assert f"inside stage 1 at step {at}" in log
+    a, b = final_tensors(ref), final_tensors(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (run / "out" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["stage"] == 0]
+    assert steps == list(range(1, 41))  # the steps after the saved one were dropped and done again, once
+    assert not (run / "out" / PROGRESS).exists() and verify_run(run / "out").ok
+
+
+def load_progress_step(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        import json
+
+        return json.loads(f.metadata()["sculpt"])["step"]
 
 
 def test_second_erase_on_the_same_folder_is_refused(tmp_path, model_dir):

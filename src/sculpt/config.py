@@ -131,6 +131,9 @@ class TrainConfig(_Strict):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    checkpoint_every_s: float = Field(
+        300.0, ge=0, description="Seconds between mid-stage checkpoints (the paper's method; 0: after every "
+        "step). A run killed mid-stage resumes from the last one; results do not depend on this setting.")
 
 
 class RunConfig(_Strict):

@@ -8,6 +8,8 @@ Output folder:
     stages/NN-<concept>.safetensors   cumulative patch after stage NN
     patch.safetensors      the final patch (== the last stage's)
     checkpoint.safetensors the state after the last completed stage (resume point)
+    stage-progress.safetensors  the state inside the current stage, every train.checkpoint_every_s
+                           (methods that support it: the paper's); removed when the stage completes
     ledger.jsonl           hash-chained audit record (see ledger.py)
     summary.json           per-stage summary: timings, best epoch, hashes
 
@@ -102,8 +104,8 @@ class EraseResult:
 
 
 def config_hash(cfg: RunConfig) -> str:
-    """Identity of a run's spec (everything but where it is written)."""
-    body = cfg.model_dump(mode="json", exclude={"output"})
+    """Identity of a run's spec (everything but where it is written and how often it checkpoints)."""
+    body = cfg.model_dump(mode="json", exclude={"output": True, "train": {"checkpoint_every_s"}})
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
@@ -194,6 +196,30 @@ def save_checkpoint(out: Path, tensors: dict[str, torch.Tensor], method_state: d
     return path
 
 
+PROGRESS = "stage-progress.safetensors"
+
+
+def save_progress(out: Path, stage: int, cfg_hash: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """A method's state inside stage `stage` (0-based), written atomically beside the checkpoint."""
+    body = json.dumps({"format": CHECKPOINT_FORMAT, "stage": stage, "config_hash": cfg_hash, **meta})
+    atomic_write(out / PROGRESS, lambda tmp: save_file(tensors, tmp, metadata={"sculpt": body}))
+
+
+def load_progress(out: Path) -> tuple[dict, dict] | None:
+    path = out / PROGRESS
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["sculpt"])
+        tensors = {k: v.clone() for k, v in load_file(str(path)).items()}
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise RunError(f"{path}: unreadable mid-stage checkpoint ({exc}); move it away to restart the stage") from None
+    return tensors, meta
+
+
 def load_checkpoint(out: Path) -> tuple[dict, dict, dict] | None:
     path = out / "checkpoint.safetensors"
     if not path.is_file():
@@ -220,7 +246,8 @@ def erase(cfg: RunConfig, pipe=None, progress: bool = True) -> EraseResult:
     Resumes a run already in cfg.output; refuses a folder that holds a different spec."""
     out = Path(cfg.output or "runs/erase")
     existing = load_checkpoint(out) if out.is_dir() else None
-    if existing and existing[2].get("config_hash") != config_hash(cfg):
+    mid_stage = load_progress(out) if out.is_dir() else None
+    if any(found and found[-1].get("config_hash") != config_hash(cfg) for found in (existing, mid_stage)):
         raise RunError(f"{out} holds a run of a different spec; choose another output folder")
     accelerator = make_accelerator(cfg)
     # Load (and check) everything before the output folder is touched: a bad model or patch
@@ -251,13 +278,13 @@ def erase(cfg: RunConfig, pipe=None, progress: bool = True) -> EraseResult:
     log.setLevel(logging.INFO)
     try:
         with run_lock(out) if main else nullcontext():
-            return _erase(cfg, out, pipe, accelerator, existing, progress, stack, origin_hash)
+            return _erase(cfg, out, pipe, accelerator, existing, mid_stage, progress, stack, origin_hash)
     finally:
         log.removeHandler(handler)
         handler.close()
 
 
-def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, progress: bool, stack: Stack,
+def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, mid_stage, progress: bool, stack: Stack,
            origin_hash: str) -> EraseResult:
     torch.manual_seed(cfg.seed)
     # Data for every concept, the carried ones included, made once by the model as loaded (the main
@@ -300,9 +327,13 @@ def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, progress: boo
                 params[k.removeprefix("unet.")].copy_(v)
         method.load_state_dict(method_t)
         done_stages, summaries = meta["completed_stages"], meta["summaries"]
-        if accelerator.is_main_process:
-            _drop_metrics_after(out / "metrics.jsonl", done_stages)  # steps of the stage that did not finish
-        log.info("resuming %s after stage %d of %d", out, done_stages, len(stages))
+    if mid_stage is not None and mid_stage[1]["stage"] != done_stages:
+        mid_stage = None  # saved in a stage that has completed since
+    if existing or mid_stage:
+        if accelerator.is_main_process:  # the steps of the unfinished stage after its last saved state go
+            _drop_metrics_after(out / "metrics.jsonl", done_stages, mid_stage[1]["step"] if mid_stage else 0)
+        log.info("resuming %s after stage %d of %d%s", out, done_stages, len(stages),
+                 f", inside stage {done_stages + 1} at step {mid_stage[1]['step']}" if mid_stage else "")
     elif accelerator.is_main_process:
         atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         (out / "metrics.jsonl").write_text("")
@@ -328,6 +359,9 @@ def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, progress: boo
             seed=cfg.seed + 1000 * (stack.stages + i), log_file=out / "metrics.jsonl", empty_embeds=empty,
             on_step=bar.update_record if bar else None, stop_flag=stop,
             gradient_checkpointing=cfg.train.gradient_checkpointing,
+            resume=mid_stage if i == done_stages else None, checkpoint_every_s=cfg.train.checkpoint_every_s,
+            save_progress=(lambda tensors, meta, i=i: save_progress(out, i, config_hash(cfg), tensors, meta))
+            if accelerator.is_main_process else None,
         )
         start = {n: p.detach().clone() for n, p in trainable.items()}  # the last good state
         t_stage = time.perf_counter()
@@ -380,6 +414,7 @@ def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, progress: boo
                 files={str(stage_path.relative_to(out)): ledger.file_sha256(stage_path)},
                 checkpoint_sha256=ledger.file_sha256(ckpt),
             )
+            (out / PROGRESS).unlink(missing_ok=True)  # the stage is complete: its checkpoint supersedes it
         log.info("stage %d %s done in %.1fs: %s", i + 1, names, seconds, summary)
 
     patch_path = out / "patch.safetensors"
@@ -413,10 +448,13 @@ def _check_processes_agree(accelerator, trainable: dict[str, torch.Tensor], meth
                        "method state; nothing of this stage is saved")
 
 
-def _drop_metrics_after(path: Path, completed: int) -> None:
+def _drop_metrics_after(path: Path, completed: int, steps_kept: int = 0) -> None:
+    """Keep the records of the completed stages and the first `steps_kept` steps of the next one."""
     if path.is_file():
-        keep = [l for l in path.read_text().splitlines() if l and json.loads(l)["stage"] < completed]
-        atomic_write_text(path, "".join(l + "\n" for l in keep))
+        records = [(line, json.loads(line)) for line in path.read_text().splitlines() if line]
+        keep = [line for line, r in records
+                if r["stage"] < completed or (r["stage"] == completed and r.get("step", 0) <= steps_kept)]
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 class _StageProgress:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -44,6 +45,12 @@ class StageContext:
     generator: torch.Generator = field(init=False)
     _plain_unet: Any = field(default=None, init=False, repr=False)
     _walks: dict = field(default_factory=dict, init=False, repr=False)  # replace=False positions
+    # Mid-stage checkpoints (see sculpt.erase): what a method saved before the process died, and where
+    # it saves (tensors, JSON metadata) at most every checkpoint_every_s seconds.
+    resume: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
+    save_progress: Callable[[dict[str, torch.Tensor], dict[str, Any]], None] | None = None
+    checkpoint_every_s: float = 300.0
+    _last_save: float = field(default=0.0, init=False, repr=False)
 
     def __post_init__(self):
         self.generator = torch.Generator().manual_seed(self.seed + 7919 * self.accelerator.process_index)
@@ -97,7 +104,7 @@ class StageContext:
     def _walk(self, n: int, data: list[ConceptData], field_name: str) -> list[tuple[int, int]]:
         """The next n (concept, image) pairs of a shuffled pass over every image of `data`; a new
         shuffled pass starts when one is used up (a batch may straddle two passes)."""
-        key = (field_name, tuple(id(d) for d in data))
+        key = (field_name, tuple(d.name for d in data))
         order, pos = self._walks.get(key, ([], 0))
         out: list[tuple[int, int]] = []
         while len(out) < n:
@@ -222,6 +229,30 @@ class StageContext:
         self.unet.eval()
         # accelerate keeps every prepared optimizer alive (Adam state: 2x the trained tensors).
         self.accelerator.free_memory()
+
+    # -- mid-stage checkpoints ---------------------------------------------------------------------
+
+    def progress_due(self) -> bool:
+        """Whether a method should save its stage state now (checkpoint_every_s since the last save)."""
+        if self.save_progress is None:
+            return False
+        now = time.monotonic()
+        if self._last_save == 0.0:
+            self._last_save = now
+        if now - self._last_save >= self.checkpoint_every_s:
+            self._last_save = now
+            return True
+        return False
+
+    def sampling_state(self) -> tuple[torch.Tensor, list]:
+        """The random generator's state and the positions of the shuffled passes: what a resumed
+        stage needs to draw the same batches."""
+        walks = [[f, list(names), [list(x) for x in order], pos] for (f, names), (order, pos) in self._walks.items()]
+        return self.generator.get_state(), walks
+
+    def restore_sampling_state(self, generator_state: torch.Tensor, walks: list) -> None:
+        self.generator.set_state(generator_state)
+        self._walks = {(f, tuple(names)): ([tuple(x) for x in order], pos) for f, names, order, pos in walks}
 
     def log(self, record: dict[str, Any]) -> None:
         """Called once at the end of every optimisation step: records the step's metrics, and stops

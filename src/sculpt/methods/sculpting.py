@@ -161,8 +161,13 @@ class Sculpting(ErasureMethod):
         last_read = max([i for i, tick in enumerate(ticks) if tick.tau is not None or tick.warmup], default=-1)
 
         best = {"L_f": float("inf"), "epoch": -1, "weights": None}
-        turnover, step, epoch_lf, density = 0.0, 0, 0.0, 0.0
+        loop = {"tick": 0, "step": 0, "epoch_lf": 0.0, "turnover": 0.0, "density": 0.0}
+        if ctx.resume is not None:  # a mid-stage checkpoint of this stage: go on from its tick
+            best, loop = self._restore(ctx, params, optimizer, lr_sched, mask, ctx.resume)
+        turnover, step, epoch_lf, density = loop["turnover"], loop["step"], loop["epoch_lf"], loop["density"]
         for i, tick in enumerate(ticks):
+            if i < loop["tick"]:
+                continue
             if tick.warmup:
                 # 1. Warm-up: accumulate gradient importance, no optimiser step.
                 loss = self.warmup_loss(ctx, model)
@@ -208,6 +213,9 @@ class Sculpting(ErasureMethod):
                             "weights": {n: p.detach().clone() for n, p in params.items()}}
             if end_of_epoch:
                 epoch_lf = 0.0
+            if ctx.progress_due():
+                ctx.save_progress(*self._snapshot(ctx, params, optimizer, lr_sched, mask, best, {
+                    "tick": i + 1, "step": step, "epoch_lf": epoch_lf, "turnover": turnover, "density": density}))
 
         with torch.no_grad():
             for n, p in params.items():
@@ -222,6 +230,54 @@ class Sculpting(ErasureMethod):
         )
         return {"best_epoch": best["epoch"], "best_L_f": best["L_f"], "steps": step,
                 "mask_density": density, "frozen_share": frozen_share}
+
+
+    # -- mid-stage checkpoints: everything the loop above carries from one step to the next -----------
+
+    def _snapshot(self, ctx, params, optimizer, lr_sched, mask, best, loop) -> tuple[dict, dict]:
+        tensors = {f"params/{n}": p.detach().cpu().contiguous() for n, p in params.items()}
+        opt = optimizer.state_dict()
+        plain: dict[str, dict] = {}
+        for pid, entries in opt["state"].items():
+            for k, v in entries.items():
+                if torch.is_tensor(v):
+                    tensors[f"optimizer/{pid}/{k}"] = v.detach().cpu().contiguous()
+                else:
+                    plain.setdefault(str(pid), {})[k] = v
+        for kind, table in (("active", mask.active), ("ever", mask.ever_active), ("importance", mask.importance)):
+            tensors.update({f"mask/{kind}/{n}": t.detach().cpu().contiguous() for n, t in table.items()})
+        if best["weights"] is not None:
+            tensors.update({f"best/{n}": t.detach().cpu().contiguous() for n, t in best["weights"].items()})
+        generator, walks = ctx.sampling_state()
+        tensors["generator"] = generator
+        meta = {**loop, "param_groups": opt["param_groups"], "optimizer_plain": plain,
+                "scheduler": lr_sched.state_dict(), "walks": walks, "mask_initialised": mask.initialised,
+                "best_L_f": best["L_f"], "best_epoch": best["epoch"]}
+        return tensors, meta
+
+    def _restore(self, ctx, params, optimizer, lr_sched, mask, saved) -> tuple[dict, dict]:
+        tensors, meta = saved
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(tensors[f"params/{n}"].to(p.device))
+        state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer/"):
+                _, pid, k = key.split("/", 2)
+                state.setdefault(int(pid), {})[k] = value
+        for pid, entries in meta["optimizer_plain"].items():
+            state.setdefault(int(pid), {}).update(entries)
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        lr_sched.load_state_dict(meta["scheduler"])
+        for kind, table in (("active", mask.active), ("ever", mask.ever_active), ("importance", mask.importance)):
+            for n in table:
+                table[n] = tensors[f"mask/{kind}/{n}"].to(table[n].device)
+        mask.initialised = meta["mask_initialised"]
+        ctx.restore_sampling_state(tensors["generator"], meta["walks"])
+        best = {"L_f": meta["best_L_f"], "epoch": meta["best_epoch"],
+                "weights": ({n: tensors[f"best/{n}"].to(p.device) for n, p in params.items()}
+                            if meta["best_epoch"] >= 0 else None)}
+        return best, {k: meta[k] for k in ("tick", "step", "epoch_lf", "turnover", "density")}
 
 
 @dataclass(frozen=True)
