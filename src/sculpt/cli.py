@@ -70,6 +70,46 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_suggest(args) -> int:
+    from sculpt.models.loading import load_pipeline, resolve_device
+    from sculpt.suggest import suggest
+
+    taxonomy = None
+    if args.model == "emoji":
+        from sculpt.emoji.taxonomy import load_taxonomy
+
+        taxonomy = load_taxonomy()
+    vocabulary = None
+    if args.vocabulary:
+        path = Path(args.vocabulary)
+        if not path.is_file():
+            print(f"error: {path}: no such vocabulary file (one word or phrase per line)", file=sys.stderr)
+            return 2
+        vocabulary = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    elif taxonomy is None:
+        from sculpt.eval.benchmark import IMAGENETTE
+
+        vocabulary = list(IMAGENETTE)
+    try:
+        s = suggest(args.concept, load_pipeline(args.model, device=resolve_device(args.device)), vocabulary,
+                    taxonomy, top=args.top, template=args.template)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"concept:    {s.concept}")
+    print(f"superclass: {s.superclass or '-'}   ({s.superclass_reason})")
+    if s.members:
+        print(f"members:    {', '.join(s.members)}")
+    print(f"synonyms:   {', '.join(s.synonyms) or '-'}")
+    print(f"neighbours at risk (cosine of the prompts' text-encoder states, '{s.template}'):")
+    for word, sim in s.neighbours:
+        print(f"  {sim:6.3f}  {word}")
+    for note in s.notes:
+        print(f"note: {note}")
+    print("\nspec entry:\n" + s.spec_yaml())
+    return 0
+
+
 def cmd_verify(args) -> int:
     from sculpt.verify import verify_run
 
@@ -132,6 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("methods", help="list the erasure methods")
     m.set_defaults(func=cmd_methods)
+
+    s = sub.add_parser("suggest", help="propose a concept's superclass, synonyms and the neighbours its erasure may hurt")
+    s.add_argument("concept")
+    s.add_argument("--model", default="emoji")
+    s.add_argument("--vocabulary", help="words to rank, one per line (default: the emoji classes; Imagenette's "
+                                        "for other models)")
+    s.add_argument("--top", type=int, default=8, help="how many neighbours to show")
+    s.add_argument("--template", default="a photo of a {}")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_suggest)
 
     v = sub.add_parser("verify", help="check a run's ledger, files and (optionally) its measured claims")
     v.add_argument("run", help="an erasure run folder")
