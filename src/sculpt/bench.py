@@ -256,8 +256,24 @@ def _worker(argv: list[str]) -> int:
         out = {"seconds": round(time.perf_counter() - t, 3)}
     else:
         out = _timed_erase(cfg, pipe, progress=False)
+    hwm = _own_peak_rss_mb()
+    if hwm is not None:
+        out["own_peak_rss_mb"] = hwm
     Path(result).write_text(json.dumps(out))
     return 0
+
+
+def _own_peak_rss_mb() -> float | None:
+    """This process's own peak RSS (Linux VmHWM). Not ru_maxrss: Linux folds the parent's RSS at fork
+    into a child's ru_maxrss when the child execs, so a worker started by a large bench process would
+    report the parent's size, not its own."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
 
 
 def _run_worker(what: str, spec: Path, result: Path, factory: str | None, log_file: Path | None,
@@ -283,9 +299,12 @@ def _run_worker(what: str, spec: Path, result: Path, factory: str | None, log_fi
     if proc.returncode != 0 or not result.is_file():
         tail = log_file.read_text(errors="replace")[-2000:] if log_file and log_file.is_file() else ""
         raise BenchError(f"`{' '.join(args)}` failed (exit {proc.returncode})\n{tail}")
-    # ru_maxrss: kilobytes on Linux, bytes on macOS
+    found = json.loads(result.read_text())
+    if "own_peak_rss_mb" in found:  # measured by the child itself (see _own_peak_rss_mb)
+        return found, found.pop("own_peak_rss_mb")
+    # ru_maxrss: kilobytes on Linux, bytes on macOS (an upper bound: it may include the parent at fork)
     rss = usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
-    return json.loads(result.read_text()), round(rss, 1)
+    return found, round(rss, 1)
 
 
 # -- the bench -------------------------------------------------------------------------------------
