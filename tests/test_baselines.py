@@ -115,6 +115,24 @@ def test_uce_maps_erased_tokens_to_the_guide_and_keeps_preserved_ones(tmp_path, 
         assert moved_after < 0.2 * moved_before, f"{n}: W c_e only {moved_after / moved_before:.2f} of the way"
 
 
+def test_uce_keeps_the_empty_prompt_that_guidance_reads_at_every_step(tmp_path, cache, pipe):
+    """As the authors: '' is always preserved (all its tokens). Over sequential edits its keys and
+    values then stay within 5%; with `preserve_empty: false` they drift further."""
+    empty = encode_prompts(pipe, [""]).flatten(0, 1)
+    w0 = {n: p.detach().clone() for n, p in key_value_params(pipe.unet).items()}
+    base = {n: t.clone() for n, t in pipe.unet.state_dict().items()}
+
+    def drift(**overrides):
+        pipe.unet.load_state_dict(base)
+        erase(spec(tmp_path / str(overrides), cache, "uce", **overrides), pipe=pipe, progress=False)
+        return max(float((empty @ w.detach().T - empty @ w0[n].T).norm() / (empty @ w0[n].T).norm())
+                   for n, w in key_value_params(pipe.unet).items())
+
+    kept, dropped = drift(), drift(preserve_empty=False)
+    assert kept <= 0.05, f"the empty prompt's projections moved {kept:.3f}"
+    assert dropped > 2 * kept, (kept, dropped)
+
+
 def test_salun_mask_has_the_stated_density_and_nothing_outside_it_moves(tmp_path, cache, pipe, monkeypatch):
     from sculpt.methods.salun import SalUn, SalUnConfig
 

@@ -13,6 +13,12 @@ Which tokens: as in the authors' code, from the prompt's last word token to the 
 the end-of-text/padding tokens that follow it), aligned at the tail with the guide prompt's; the
 tokens before the word are left alone (a causal text encoder such as CLIP's does not let the
 concept reach them). Prompts: the concept's prompts and synonyms in `prompt_template`.
+
+Preserved (as the authors' code): every token of each preserved prompt (the superclasses, `preserve`)
+and every token of the empty prompt '', which classifier-free guidance reads at every step. (Until
+issue 12 only the superclass prompt from its last word on was kept; after ten edits the empty
+prompt's keys and values had moved 57%.) `preserve_tokens: tail` and `preserve_empty: false` give
+that older behaviour back.
 """
 
 from __future__ import annotations
@@ -69,6 +75,9 @@ class UCEConfig(MethodConfig):
     guide: Literal["superclass", "empty"] = Field("superclass", description="what an erased concept becomes")
     preserve: list[str] = Field(default_factory=list, description="extra concepts to keep (words, put in the template)")
     preserve_superclasses: bool = Field(True, description="also keep each concept's superclass")
+    preserve_empty: bool = Field(True, description="also keep the empty prompt '' (the authors always do)")
+    preserve_tokens: Literal["all", "tail"] = Field(
+        "all", description="which tokens of a preserved prompt are kept: all (the authors') or from its last word on")
     erase_scale: float = Field(1.0, gt=0)
     preserve_scale: float = Field(1.0, ge=0)
     prompt_template: str = Field("a photo of a {}", description="should match data.prompt_template")
@@ -94,11 +103,13 @@ class UCE(ErasureMethod):
                 guides.append(cfg.prompt_template.format(d.concept.superclass) if cfg.guide == "superclass" else "")
         c_e, c_g = tail_aligned_tokens(ctx.pipe, prompts, guides, ctx.device)
         kept = list(cfg.preserve) + ([d.concept.superclass for d in ctx.concepts] if cfg.preserve_superclasses else [])
-        kept = [cfg.prompt_template.format(w) for w in dict.fromkeys(kept)]
-        if kept:
-            c_p, _ = tail_aligned_tokens(ctx.pipe, kept, kept, ctx.device)
-        else:
+        kept = [cfg.prompt_template.format(w) for w in dict.fromkeys(kept)] + ([""] if cfg.preserve_empty else [])
+        if not kept:
             c_p = c_e.new_zeros(0, c_e.shape[1])
+        elif cfg.preserve_tokens == "all":
+            c_p = encode_prompts(ctx.pipe, kept).to(ctx.device).flatten(0, 1)  # every token of every kept prompt
+        else:
+            c_p, _ = tail_aligned_tokens(ctx.pipe, kept, kept, ctx.device)
         return {"c_e": c_e, "c_guide": c_g, "c_p": c_p}
 
     def fit_stage(self, ctx: StageContext) -> dict[str, Any]:
