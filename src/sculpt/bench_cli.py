@@ -149,23 +149,16 @@ def cmd_bench(args) -> int:
 
 def _with_overrides(presets: dict, sets: list[str], methods: list[str]) -> dict:
     """presets with each `method.field=value` of --set applied, the result validated."""
-    import yaml
     from pydantic import ValidationError
 
+    from sculpt.config import parse_overrides
     from sculpt.methods import get_method
 
     out = {m: dict(p) for m, p in presets.items()}
-    touched = set()
-    for item in sets:
-        key, sep, value = item.partition("=")
-        method, dot, field = key.strip().partition(".")
-        if not (sep and dot and field):
-            raise ValueError(f"--set {item!r}: expected METHOD.FIELD=VALUE, e.g. sculpting.lambda_kd=0.25")
-        if method not in methods:
-            raise ValueError(f"--set {item!r}: {method!r} is not among the methods run ({', '.join(methods)})")
-        out.setdefault(method, {})[field] = yaml.safe_load(value)
-        touched.add(method)
-    for method in touched:
+    overrides = parse_overrides(sets, methods, "method", "sculpting.lambda_kd=0.25")
+    for method, fields in overrides.items():
+        out.setdefault(method, {}).update(fields)
+    for method in overrides:
         fields = {k: v for k, v in out[method].items() if k != "name"}
         try:
             get_method(method).config_class(**fields)

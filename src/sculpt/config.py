@@ -42,6 +42,21 @@ def fill_template(template: str, word: str) -> str:
     return template.format(word)
 
 
+def parse_overrides(items: list[str], names: list[str], kind: str, example: str) -> dict[str, dict[str, Any]]:
+    """Command-line `--set NAME.FIELD=VALUE` items as {name: {field: value}} (values are YAML: true,
+    0.01, [a, b]); each name must be one of `names` (the methods or attacks being run)."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        name, dot, field = key.strip().partition(".")
+        if not (sep and dot and field):
+            raise ValueError(f"--set {item!r}: expected {kind.upper()}.FIELD=VALUE, e.g. {example}")
+        if name not in names:
+            raise ValueError(f"--set {item!r}: {name!r} is not among the {kind}s run ({', '.join(names)})")
+        out.setdefault(name, {})[field] = yaml.safe_load(value)
+    return out
+
+
 class Concept(_Strict):
     """One concept to forget and the superclass it is mapped onto (tench -> fish)."""
 

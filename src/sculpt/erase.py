@@ -300,9 +300,13 @@ def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, mid_stage, pr
     empty = encode_prompts(pipe, [""])
     log.info("data ready in %.1fs (cache %s)", time.perf_counter() - t0, cache)
 
-    for patch in stack.patches:
-        apply_patch(pipe, patch)
+    for patch in stack.patches:  # their chain was checked by read_stack: the result is hashed once
+        apply_patch(pipe, patch, check_hash=False)
     base_hash = model_hash(pipe) if stack.patches else origin_hash
+    recorded = stack.patches[-1].metadata.get("result_hash") if stack.patches else None
+    if recorded is not None and recorded != base_hash:
+        raise PatchError(f"the patches give a model with hash {base_hash[:16]}..., their last one recorded "
+                         f"{recorded[:16]}... (a patch file was changed after it was written?)")
     method = get_method(cfg.method_name)(cfg.method_config())
     if stack.method_state and stack.method == method.name:
         method.load_state_dict(stack.method_state)

@@ -35,3 +35,30 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def optimizer_state_to_tensors(state: dict, prefix: str = "optimizer") -> tuple[dict, dict]:
+    """An optimizer's state_dict() as safetensors-ready tensors ("<prefix>/<param id>/<key>") and a
+    JSON-ready rest (param groups, non-tensor entries): checkpoints that need no pickle."""
+    import torch
+
+    tensors, plain = {}, {}
+    for pid, entries in state["state"].items():
+        for k, v in entries.items():
+            if torch.is_tensor(v):
+                tensors[f"{prefix}/{pid}/{k}"] = v.detach().cpu().contiguous()
+            else:
+                plain.setdefault(str(pid), {})[k] = v
+    return tensors, {"param_groups": state["param_groups"], "plain": plain}
+
+
+def optimizer_state_from_tensors(tensors: dict, meta: dict, prefix: str = "optimizer") -> dict:
+    """The inverse of optimizer_state_to_tensors: a state dict for optimizer.load_state_dict."""
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix + "/"):
+            _, pid, k = key.split("/", 2)
+            state.setdefault(int(pid), {})[k] = value
+    for pid, entries in meta["plain"].items():
+        state.setdefault(int(pid), {}).update(entries)
+    return {"state": state, "param_groups": meta["param_groups"]}

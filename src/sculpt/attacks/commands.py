@@ -54,25 +54,10 @@ def attack_names(values: list[str]) -> list[str]:
     return available_attacks() if names == ["all"] else names
 
 
-def budgets_from_sets(sets: list[str], names: list[str]) -> dict[str, dict]:
-    """--set ATTACK.FIELD=VALUE items as {attack: {field: value}}; values are YAML (true, 0.01, [a, b])."""
-    import yaml
-
-    budgets: dict[str, dict] = {}
-    for item in sets:
-        key, sep, value = item.partition("=")
-        name, dot, field = key.strip().partition(".")
-        if not (sep and dot and field):
-            raise ValueError(f"--set {item!r}: expected ATTACK.FIELD=VALUE, e.g. unlearndiffatk.steps=400")
-        if name not in names:
-            raise ValueError(f"--set {item!r}: {name!r} is not among the attacks run ({', '.join(names)})")
-        budgets.setdefault(name, {})[field] = yaml.safe_load(value)
-    return budgets
-
-
 def cmd_attack(args) -> int:
     from sculpt.attacks import AttackError, available_attacks, get_attack, make_attack
     from sculpt.attacks.run import attack
+    from sculpt.config import parse_overrides
     from sculpt.eval.commands import sampler_from_args
     from sculpt.models.loading import resolve_device
 
@@ -89,7 +74,7 @@ def cmd_attack(args) -> int:
         return _fail("give either --run or --patch, not both (a run folder names its own patch)")
     try:
         names = attack_names(args.attacks)
-        budgets = budgets_from_sets(args.set, names)
+        budgets = parse_overrides(args.set, names, "attack", "unlearndiffatk.steps=400")
     except ValueError as exc:
         return _fail(str(exc))
     out = Path(args.out) if args.out else (Path(args.run) / "attack" if args.run else Path("attack"))

@@ -36,7 +36,7 @@ from sculpt.emoji.pipeline import (
     PIPELINE_DIR, build_pipeline, new_unet, new_vae, save_emoji_pipeline, train_scheduler,
 )
 from sculpt.emoji.taxonomy import load_taxonomy
-from sculpt.io import atomic_write
+from sculpt.io import atomic_write, optimizer_state_from_tensors, optimizer_state_to_tensors
 from sculpt.emoji.text_encoder import encode_prompts, load_text_encoder, load_tokenizer, sentence_embeddings
 
 # Held-out renders use a seed no training run uses; the training stream uses --seed (small numbers).
@@ -101,18 +101,12 @@ def training_state(step: int, modules: dict[str, torch.nn.Module],
     state, step and the torch / numpy / Python RNG states."""
     tensors = {f"modules/{name}/{k}": v.detach().contiguous() for name, m in modules.items()
                for k, v in m.state_dict().items()}
-    opt = optimizer.state_dict()
-    plain: dict[str, dict] = {}
-    for pid, entries in opt["state"].items():
-        for k, v in entries.items():
-            if torch.is_tensor(v):
-                tensors[f"optimizer/{pid}/{k}"] = v.detach().contiguous()
-            else:
-                plain.setdefault(str(pid), {})[k] = v
+    opt_tensors, opt_meta = optimizer_state_to_tensors(optimizer.state_dict())
+    tensors.update(opt_tensors)
     tensors["rng/torch"] = torch.get_rng_state()
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, py_gauss = random.getstate()
-    meta = {"step": step, "param_groups": opt["param_groups"], "optimizer_plain": plain,
+    meta = {"step": step, "optimizer": opt_meta,
             "rng": {"numpy": [kind, keys.tolist(), pos, has_gauss, gauss], "python": [version, list(internal), py_gauss]}}
     return tensors, meta
 
@@ -127,21 +121,14 @@ def read_training_state(path: Path) -> dict:
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["state"])
     modules: dict[str, dict] = {}
-    opt_state: dict[int, dict] = {}
     for key, value in tensors.items():
-        kind, rest = key.split("/", 1)
-        if kind == "modules":
-            name, k = rest.split("/", 1)
+        if key.startswith("modules/"):
+            _, name, k = key.split("/", 2)
             modules.setdefault(name, {})[k] = value
-        elif kind == "optimizer":
-            pid, k = rest.split("/", 1)
-            opt_state.setdefault(int(pid), {})[k] = value
-    for pid, entries in meta["optimizer_plain"].items():
-        opt_state.setdefault(int(pid), {}).update(entries)
     kind, keys, pos, has_gauss, gauss = meta["rng"]["numpy"]
     version, internal, py_gauss = meta["rng"]["python"]
     return {"step": meta["step"], "modules": modules,
-            "optimizer": {"state": opt_state, "param_groups": meta["param_groups"]},
+            "optimizer": optimizer_state_from_tensors(tensors, meta["optimizer"]),
             "rng": {"torch": tensors["rng/torch"], "numpy": (kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss),
                     "python": (version, tuple(internal), py_gauss)}}
 

@@ -41,6 +41,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from sculpt.io import optimizer_state_from_tensors, optimizer_state_to_tensors
 from sculpt.methods.base import ErasureMethod, MethodConfig, register
 from sculpt.methods.dynamic_mask import DynamicMask, drop_ratio, reset_optimizer_state
 from sculpt.models.loading import cross_attention_params
@@ -236,21 +237,15 @@ class Sculpting(ErasureMethod):
 
     def _snapshot(self, ctx, params, optimizer, lr_sched, mask, best, loop) -> tuple[dict, dict]:
         tensors = {f"params/{n}": p.detach().cpu().contiguous() for n, p in params.items()}
-        opt = optimizer.state_dict()
-        plain: dict[str, dict] = {}
-        for pid, entries in opt["state"].items():
-            for k, v in entries.items():
-                if torch.is_tensor(v):
-                    tensors[f"optimizer/{pid}/{k}"] = v.detach().cpu().contiguous()
-                else:
-                    plain.setdefault(str(pid), {})[k] = v
+        opt_tensors, opt_meta = optimizer_state_to_tensors(optimizer.state_dict())
+        tensors.update(opt_tensors)
         for kind, table in (("active", mask.active), ("ever", mask.ever_active), ("importance", mask.importance)):
             tensors.update({f"mask/{kind}/{n}": t.detach().cpu().contiguous() for n, t in table.items()})
         if best["weights"] is not None:
             tensors.update({f"best/{n}": t.detach().cpu().contiguous() for n, t in best["weights"].items()})
         generator, walks = ctx.sampling_state()
         tensors["generator"] = generator
-        meta = {**loop, "param_groups": opt["param_groups"], "optimizer_plain": plain,
+        meta = {**loop, "optimizer": opt_meta,
                 "scheduler": lr_sched.state_dict(), "walks": walks, "mask_initialised": mask.initialised,
                 "best_L_f": best["L_f"], "best_epoch": best["epoch"]}
         return tensors, meta
@@ -260,14 +255,7 @@ class Sculpting(ErasureMethod):
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(tensors[f"params/{n}"].to(p.device))
-        state: dict[int, dict] = {}
-        for key, value in tensors.items():
-            if key.startswith("optimizer/"):
-                _, pid, k = key.split("/", 2)
-                state.setdefault(int(pid), {})[k] = value
-        for pid, entries in meta["optimizer_plain"].items():
-            state.setdefault(int(pid), {}).update(entries)
-        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        optimizer.load_state_dict(optimizer_state_from_tensors(tensors, meta["optimizer"]))
         lr_sched.load_state_dict(meta["scheduler"])
         for kind, table in (("active", mask.active), ("ever", mask.ever_active), ("importance", mask.importance)):
             for n in table:
