@@ -92,7 +92,11 @@ def emoji_stage_context(method_cfg: dict):
     pipe = load_pipeline("emoji")
     cfg: RunConfig = demo_spec(["tropical fish", "poodle"], "/tmp/unused", method=method_cfg)
     h = model_hash(pipe)
-    data = [prepare_concept_data(pipe, c, cfg.data, cfg.seed, default_cache_dir() / "data", h) for c in cfg.concepts]
+    from sculpt.data.anchors import default_judge
+
+    judge = default_judge(cfg.model)
+    data = [prepare_concept_data(pipe, c, cfg.data, cfg.seed, default_cache_dir() / "data", h, judge=judge)
+            for c in cfg.concepts]
     ctx = StageContext(pipe=pipe, accelerator=make_accelerator(cfg), index=1, concepts=[data[1]], previous=[data[0]],
                        seed=1, empty_embeds=encode_prompts(pipe, [""]))
     return ctx, cfg

@@ -124,15 +124,40 @@ def test_scorer_ranks_the_right_caption_first():
     assert paired.shape == (2,) and paired.abs().max() <= 100
 
 
-def test_demo_anchors_use_the_concept_as_negative_prompt_unless_it_removes_the_superclass(tmp_path):
-    from sculpt.emoji.demo import ANCHOR_WITHOUT_NEGATIVE, demo_spec
-    from sculpt.emoji.taxonomy import load_taxonomy
+def test_the_anchor_rule_keeps_judged_superclass_pictures_and_draws_without_the_negative_only_when_needed(tmp_path):
+    """No per-concept list: the rule judges the anchor pictures with the classifier when the data is
+    made. "a photo of a dog" minus "poodle" draws no dog (the committed model), so the poodle's
+    anchors are the dog pictures drawn without it; a fuel pump's anchors all come from the negative
+    prompt's pictures. Only pictures judged in the superclass and free of the concept are kept, and
+    the record (in the data and the ledger) says so per picture."""
+    from sculpt.config import Concept, DataConfig
+    from sculpt.data.anchors import default_judge
+    from sculpt.data.prepare import prepare_concept_data
+    from sculpt.emoji.demo import EMOJI_DATA, demo_spec
+    from sculpt.models.loading import load_pipeline, model_hash
 
-    cfg = demo_spec(list(load_taxonomy().target_names), tmp_path)
-    negative = {c.name: c.negative_prompt for c in cfg.concepts}
-    assert ANCHOR_WITHOUT_NEGATIVE == {"poodle", "church"}
-    assert negative["poodle"] == negative["church"] == ""
-    assert all(negative[n] == n for n in negative if n not in ANCHOR_WITHOUT_NEGATIVE)
+    pipe = load_pipeline("emoji")
+    assert all(c.negative_prompt is None for c in demo_spec(["poodle", "church"], tmp_path).concepts)
+    judge, h = default_judge("emoji"), model_hash(pipe)
+    cfg = DataConfig(**{**EMOJI_DATA, "n_images": 8})
+
+    def data(**spec):
+        return prepare_concept_data(pipe, Concept(**spec), cfg, 0, tmp_path, h, progress=False, judge=judge)
+
+    poodle, pump = data(name="poodle", superclass="dog"), data(name="fuel pump", superclass="energy equipment")
+    a = poodle.anchor
+    assert a["with_negative"]["superclass"] < 0.5 and "without_negative" in a
+    passed = a["with_negative"]["verdicts"].count("superclass") + a["without_negative"]["verdicts"].count("superclass")
+    assert a["without_negative"]["verdicts"].count("superclass") >= 4 and len(poodle.anchor_latents) == passed == a["n_kept"]
+    b = pump.anchor
+    assert b["with_negative"]["superclass"] >= 0.5 and "without_negative" not in b
+    assert len(pump.anchor_latents) == b["with_negative"]["verdicts"].count("superclass") < 8 + 1
+    # the choice is what the cache holds: loading it again gives the same record and pictures
+    again = data(name="poodle", superclass="dog")
+    assert again.anchor == poodle.anchor and torch.equal(again.anchor_latents, poodle.anchor_latents)
+    # a negative prompt the spec gives is used as given, unjudged
+    given = data(name="poodle", superclass="dog", negative_prompt="poodle")
+    assert given.anchor == {"negative_prompt": "poodle", "how": "given in the spec"} and len(given.anchor_latents) == 8
 
 
 def test_training_checkpoints_are_safetensors_and_resume_exactly(tmp_path):

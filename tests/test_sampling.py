@@ -130,9 +130,9 @@ def test_an_erase_run_logged_to_a_file_stays_small_and_line_based(tiny_pipe, tmp
     err = capfd.readouterr().err
     assert "\r" not in err
     phases = [line for line in err.splitlines() if line.startswith(("data: ", "stage "))]
-    # one line per concept's data and one per stage
+    # one line per concept's data, one for their neighbours' (the paper's method keeps 4 each) and one per stage
     assert [p.split(":")[0] + ":" + p.split(":")[1] for p in phases] == [
-        "data: cat", "data: car", "stage 1: cat", "stage 2: car"]
+        "data: cat", "data: car", "data: 8 neighbours", "stage 1: cat", "stage 2: car"]
     assert len(err) < 2000
 
 

@@ -80,13 +80,19 @@ def _second_stage(pipe, tmp_path, accelerator=None):
 def _kd_grads(pipe, tmp_path, lambda_kd, lambda_align=0.25, with_data=False):
     """Gradient of one step's loss, student moved away from the teacher, with fixed randomness."""
     ctx, data = _second_stage(pipe, tmp_path)
-    method = Sculpting(SculptingConfig(lambda_kd=lambda_kd, lambda_align=lambda_align))
+    terms, grads = _step_grads(pipe, ctx, Sculpting(SculptingConfig(lambda_kd=lambda_kd, lambda_align=lambda_align)))
+    return (terms, grads, data) if with_data else (terms, grads)
+
+
+def _step_grads(pipe, ctx, method, move=0.05):
+    """The loss terms and gradient of one step of `method` with the student moved `move` (Gaussian)
+    from the stage-start teacher; the weights are put back afterwards."""
     params = cross_attention_params(pipe.unet)
     teacher = {n: p.detach().clone() for n, p in params.items()}
     torch.manual_seed(0)
     with torch.no_grad():
         for p in params.values():
-            p.add_(0.05 * torch.randn_like(p))
+            p.add_(move * torch.randn_like(p))
     pipe.unet.requires_grad_(False)
     for p in params.values():
         p.requires_grad_(True)
@@ -97,7 +103,7 @@ def _kd_grads(pipe, tmp_path, lambda_kd, lambda_align=0.25, with_data=False):
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(teacher[n])
-    return (terms, grads, data) if with_data else (terms, grads)
+    return terms, grads
 
 
 def test_distillation_changes_the_gradient(tmp_path, tiny_pipe):
@@ -512,3 +518,61 @@ def test_a_run_stacked_on_a_patch_goes_on_as_one_run_over_both_lists(tmp_path, t
                                           for k in one.method_state)
     final = cross_attention_params(tiny_pipe.unet)
     assert all(torch.equal(final[n], one_weights[n]) for n in final)
+
+
+def _nb_grads(pipe, tmp_path, lambda_nb, move=0.05):
+    """One step's loss and gradient with a neighbour ("dog") in the stage, student moved by `move`."""
+    from sculpt.data.prepare import prepare_neighbours
+    from sculpt.models.loading import model_hash
+
+    ctx, _ = _second_stage(pipe, tmp_path)
+    cfg = tiny_spec(tmp_path)
+    ctx.neighbours = list(prepare_neighbours(pipe, ["dog"], cfg.data.model_copy(update={"neighbour_images": 4}), 0,
+                                             tmp_path / "cache", model_hash(pipe), progress=False).values())
+    return _step_grads(pipe, ctx, Sculpting(SculptingConfig(lambda_nb=lambda_nb)), move)
+
+
+def test_the_neighbour_term_adds_only_the_neighbours_distillation_gradient(tmp_path, tiny_pipe):
+    """L_nb distils the stage-start model on the neighbours' prompts and images: at the stage start it is
+    0 and changes no gradient; once the student has moved it adds a gradient, and every other term of
+    the step is unchanged by it (its batch is drawn after theirs)."""
+    plain, g0 = _nb_grads(tiny_pipe, tmp_path, 0.0)
+    with_nb, g1 = _nb_grads(tiny_pipe, tmp_path, 1.0)
+    assert float(plain["L_nb"].detach()) == 0 and float(with_nb["L_nb"].detach()) > 0
+    for k in ("L_f", "L_a", "L_kd"):
+        assert torch.equal(plain[k], with_nb[k]), k
+    assert max((g1[n] - g0[n]).abs().max() for n in g0) > 0
+    at_start, g_start = _nb_grads(tiny_pipe, tmp_path, 1.0, move=0.0)
+    plain_start, g_plain = _nb_grads(tiny_pipe, tmp_path, 0.0, move=0.0)
+    assert float(at_start["L_nb"].detach()) == 0
+    assert all(torch.allclose(g_start[n], g_plain[n], atol=1e-7) for n in g_plain)
+
+
+def test_neighbour_aware_erasure_moves_the_neighbour_less(tmp_path, tiny_pipe):
+    """What a user notices: erasing "cat" with "dog" as a neighbour to keep changes the model's
+    prediction for "a photo of a dog" less than the same erasure without the term; the ledger names it."""
+    import json
+
+    from sculpt.data.prepare import encode_prompts
+
+    base = _state(tiny_pipe)
+    noise = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([100, 300, 500, 700])
+    dog = encode_prompts(tiny_pipe, ["a photo of a dog"]).repeat(4, 1, 1)
+
+    def eps():
+        with torch.no_grad():
+            return tiny_pipe.unet(noise, t, encoder_hidden_states=dog).sample
+
+    before = eps()
+    drift = {}
+    for lam in (0.0, 20.0):
+        tiny_pipe.unet.load_state_dict(base)
+        cfg = tiny_spec(tmp_path / str(lam), concepts=[{"name": "cat", "superclass": "animal", "neighbours": ["dog"]}],
+                        method={"lambda_nb": lam, "lr": 3e-3})
+        erase(cfg, pipe=tiny_pipe, progress=False)
+        drift[lam] = (eps() - before).pow(2).mean().item()
+        if lam:
+            stage = [json.loads(x) for x in open(tmp_path / str(lam) / "run" / "ledger.jsonl")][1]
+            assert stage["neighbours"] == {"cat": [["dog", None]]} and "dog" in stage["neighbour_data_keys"]
+    assert drift[20.0] < 0.5 * drift[0.0], drift

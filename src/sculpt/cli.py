@@ -71,29 +71,30 @@ def cmd_demo(args) -> int:
 
 
 def cmd_suggest(args) -> int:
+    from sculpt.data.anchors import default_judge
+    from sculpt.data.neighbours import default_vocabulary
     from sculpt.models.loading import load_pipeline, resolve_device
-    from sculpt.suggest import suggest
+    from sculpt.suggest import check_anchor, suggest
 
     taxonomy = None
     if args.model == "emoji":
         from sculpt.emoji.taxonomy import load_taxonomy
 
         taxonomy = load_taxonomy()
-    vocabulary = None
-    if args.vocabulary:
-        path = Path(args.vocabulary)
-        if not path.is_file():
-            print(f"error: {path}: no such vocabulary file (one word or phrase per line)", file=sys.stderr)
-            return 2
-        vocabulary = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    elif taxonomy is None:
-        from sculpt.eval.benchmark import IMAGENETTE
-
-        vocabulary = list(IMAGENETTE)
     try:
-        s = suggest(args.concept, load_pipeline(args.model, device=resolve_device(args.device)), vocabulary,
-                    taxonomy, top=args.top, template=args.template)
-    except ValueError as exc:
+        vocabulary = default_vocabulary(args.model, args.vocabulary)
+        pipe = load_pipeline(args.model, device=resolve_device(args.device))
+        s = suggest(args.concept, pipe, vocabulary, taxonomy, top=args.top, template=args.template)
+        if s.superclass is not None and not args.no_check:
+            from sculpt.config import DataConfig
+
+            data = None
+            if args.model == "emoji":
+                from sculpt.emoji.demo import EMOJI_DATA
+
+                data = DataConfig(**EMOJI_DATA)
+            check_anchor(pipe, s, default_judge(args.model), data)
+    except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"concept:    {s.concept}")
@@ -103,10 +104,23 @@ def cmd_suggest(args) -> int:
     print(f"synonyms:   {', '.join(s.synonyms) or '-'}")
     print(f"neighbours at risk (cosine of the prompts' text-encoder states, '{s.template}'):")
     for word, sim in s.neighbours:
-        print(f"  {sim:6.3f}  {word}")
+        mark = ("   (kept by the paper's method)" if word in s.keep else
+                "   (the superclass: the method keeps it)" if word == s.superclass else "")
+        print(f"  {sim:6.3f}  {word}{mark}")
+    if s.anchor is not None:
+        print(f"anchor:     {s.anchor['how']}")
     for note in s.notes:
         print(f"note: {note}")
-    print("\nspec entry:\n" + s.spec_yaml())
+    text = s.spec_yaml(args.model)
+    if args.write:
+        path = Path(args.write)
+        if path.exists() and not args.force:
+            print(f"error: {path} exists (--force to replace it)", file=sys.stderr)
+            return 2
+        path.write_text(text)
+        print(f"\nspec written to {path}: edit it, then `sculpt erase {path}`")
+    else:
+        print("\nspec:\n" + text)
     return 0
 
 
@@ -176,8 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("suggest", help="propose a concept's superclass, synonyms and the neighbours its erasure may hurt")
     s.add_argument("concept")
     s.add_argument("--model", default="emoji")
-    s.add_argument("--vocabulary", help="words to rank, one per line (default: the emoji classes; Imagenette's "
-                                        "for other models)")
+    s.add_argument("--vocabulary", help="words to rank, one per line (default: the emoji classes; the list "
+                                        "shipped with sculpt for other models)")
+    s.add_argument("--write", metavar="SPEC", help="write the proposed spec to this YAML file")
+    s.add_argument("--force", action="store_true", help="replace an existing --write file")
+    s.add_argument("--no-check", action="store_true", help="skip the measured anchor check")
     s.add_argument("--top", type=int, default=8, help="how many neighbours to show")
     s.add_argument("--template", default="a photo of a {}")
     s.add_argument("--device", default="auto")

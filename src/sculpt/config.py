@@ -73,8 +73,16 @@ class Concept(_Strict):
     )
     negative_prompt: str | None = Field(
         default=None,
-        description="Negative prompt for the superclass images; default: the concept's name, so the "
-        "anchor images do not show the concept.",
+        description="Negative prompt for the superclass images. Default: the measured anchor rule "
+        "(sculpt.data.anchors): the concept's name, so the anchor images do not show the concept (the "
+        "paper), unless the model's judge finds that it leaves fewer than half of them in the superclass; "
+        "then none. A value here is used as given ('' for none).",
+    )
+    neighbours: list[str] | None = Field(
+        default=None,
+        description="Concepts to keep that are close to this one (methods with neighbour-aware "
+        "preservation distil the model on their prompts and images). Default: the method's number of "
+        "nearest classes in the model's text-encoder space, from the run's vocabulary; [] for none.",
     )
 
     @field_validator("name")
@@ -90,7 +98,7 @@ class Concept(_Strict):
             raise ValueError("superclass is empty")
         return v
 
-    @field_validator("prompts", "synonyms", "members")
+    @field_validator("prompts", "synonyms", "members", "neighbours")
     @classmethod
     def _no_empty_prompts(cls, v: list[str] | None) -> list[str] | None:
         if v is not None and any(not p.strip() for p in v):
@@ -118,6 +126,7 @@ class Concept(_Strict):
         return fill_template(template, self.superclass)
 
     def superclass_negative(self) -> str:
+        """The paper's negative prompt for the anchor images (the measured rule may drop it)."""
         return self.negative_prompt if self.negative_prompt is not None else self.name
 
 
@@ -130,6 +139,10 @@ class DataConfig(_Strict):
     guidance_scale: float = Field(7.5, ge=0)
     prompt_template: str = Field("a photo of a {}", description="Used for concepts without prompts.")
     batch_size: int = Field(8, ge=1, description="Images generated per pipeline call.")
+    neighbour_images: int = Field(16, ge=1, description="Images per neighbour kept (neighbour-aware methods).")
+    vocabulary: str | None = Field(
+        None, description="File of candidate neighbours, one per line; default: the emoji world's classes, "
+        "else the list shipped with sculpt (sculpt/data/vocabulary.txt).")
     cache_dir: str | None = Field(None, description="Default: $SCULPT_CACHE or ~/.cache/sculpt.")
 
     @field_validator("prompt_template")

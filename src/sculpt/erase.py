@@ -43,7 +43,10 @@ from safetensors.torch import load_file, save_file
 
 from sculpt import ledger
 from sculpt.config import Concept, DataConfig, RunConfig
-from sculpt.data.prepare import ConceptData, check_image_size, encode_prompts, image_size, prepare_concept_data
+from sculpt.data.anchors import default_judge
+from sculpt.data.neighbours import default_vocabulary, run_neighbours
+from sculpt.data.prepare import (ConceptData, check_image_size, encode_prompts, image_size, prepare_concept_data,
+                                 prepare_neighbours)
 from sculpt.io import atomic_write, atomic_write_text
 from sculpt.methods import get_method
 from sculpt.model_card import write_model_card
@@ -284,6 +287,11 @@ def erase(cfg: RunConfig, pipe=None, progress: bool = True) -> EraseResult:
         handler.close()
 
 
+def _stage_neighbours(neighbours: dict[str, list], erased_so_far: list[str]) -> list[str]:
+    """A stage keeps the neighbours of every concept erased so far (this stage's included), each once."""
+    return list(dict.fromkeys(w for n in erased_so_far for w, _ in neighbours.get(n, [])))
+
+
 def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, mid_stage, progress: bool, stack: Stack,
            origin_hash: str) -> EraseResult:
     torch.manual_seed(cfg.seed)
@@ -293,10 +301,23 @@ def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, mid_stage, pr
     t0 = time.perf_counter()
     data: dict[str, ConceptData] = {}
     jobs = [(c, DataConfig(**e["data"]), e["seed"]) for c, e in zip(stack.concepts, stack.erased)]
+    every = [*stack.concepts, *cfg.concepts]
+    judge = default_judge(cfg.model) if any(c.negative_prompt is None for c in every) else None
+    method = get_method(cfg.method_name)(cfg.method_config())
+    k = method.neighbours_wanted()
     with accelerator.main_process_first():
         for c, data_cfg, seed in [*jobs, *((c, cfg.data, cfg.seed) for c in cfg.concepts)]:
             data[c.name] = prepare_concept_data(pipe, c, data_cfg, seed, cache, origin_hash,
-                                                progress=progress and accelerator.is_main_process)
+                                                progress=progress and accelerator.is_main_process, judge=judge)
+        # Neighbour-aware methods: the concepts to keep near each erased one, with their images.
+        neighbours = run_neighbours(pipe, every, every, k, default_vocabulary(cfg.model, cfg.data.vocabulary),
+                                    cfg.data.prompt_template) if k else {}
+        neighbour_data = prepare_neighbours(pipe, [w for ws in neighbours.values() for w, _ in ws], cfg.data,
+                                            cfg.seed, cache, origin_hash, progress and accelerator.is_main_process)
+    for c in every:
+        log.info("%s: anchor %s", c.name, data[c.name].anchor.get("how", "?"))
+        if neighbours:
+            log.info("%s: neighbours kept %s", c.name, ", ".join(w for w, _ in neighbours[c.name]) or "none")
     empty = encode_prompts(pipe, [""])
     log.info("data ready in %.1fs (cache %s)", time.perf_counter() - t0, cache)
 
@@ -307,7 +328,6 @@ def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, mid_stage, pr
     if recorded is not None and recorded != base_hash:
         raise PatchError(f"the patches give a model with hash {base_hash[:16]}..., their last one recorded "
                          f"{recorded[:16]}... (a patch file was changed after it was written?)")
-    method = get_method(cfg.method_name)(cfg.method_config())
     if stack.method_state and stack.method == method.name:
         method.load_state_dict(stack.method_state)
     elif stack.method_state:
@@ -360,6 +380,7 @@ def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, mid_stage, pr
         ctx = StageContext(
             pipe=pipe, accelerator=accelerator, index=i,
             concepts=[data[n] for n in names], previous=[data[n] for n in carried + done],
+            neighbours=[neighbour_data[w] for w in _stage_neighbours(neighbours, carried + done + names)],
             seed=cfg.seed + 1000 * (stack.stages + i), log_file=out / "metrics.jsonl", empty_embeds=empty,
             on_step=bar.update_record if bar else None, stop_flag=stop,
             gradient_checkpointing=cfg.train.gradient_checkpointing,
@@ -413,6 +434,11 @@ def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, mid_stage, pr
                 out / "ledger.jsonl", "stage", stage=i + 1, concepts=names,
                 superclasses={c.name: c.superclass for c in stages[i]}, method=method.name,
                 base_hash=base_hash, result_hash=result_hash, data_keys={n: data[n].key for n in names},
+                anchors={n: data[n].anchor for n in names},
+                **({"neighbours": {n: [[w, None if v is None else round(v, 4)] for w, v in neighbours[n]] for n in names},
+                    "neighbour_data_keys": {w: neighbour_data[w].key
+                                            for w in _stage_neighbours(neighbours, carried + done + names)}}
+                   if neighbours else {}),
                 seconds=round(seconds, 3), summary=summary, versions=versions(),
                 # the stage patch never changes again; the checkpoint is replaced by the next stage
                 files={str(stage_path.relative_to(out)): ledger.file_sha256(stage_path)},

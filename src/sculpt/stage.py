@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sculpt.data.prepare import ConceptData
+from sculpt.data.prepare import ConceptData, NeighbourData
 
 
 class LossDivergedError(RuntimeError):
@@ -40,6 +40,7 @@ class StageContext:
     log_file: Path | None = None
     on_step: Callable[[dict[str, Any]], None] | None = None
     empty_embeds: torch.Tensor | None = None  # [1, L, D], the "" prompt
+    neighbours: list[NeighbourData] = field(default_factory=list)  # concepts to keep near this stage's
     stop_flag: dict | None = None  # set to {"stop": True} by the Ctrl-C handler
     gradient_checkpointing: bool = False  # the run's `train.gradient_checkpointing`
     generator: torch.Generator = field(init=False)
@@ -101,10 +102,19 @@ class StageContext:
             ss.append(d.anchor_embeds)
         return self._to(torch.cat(xs)), self._to(torch.cat(ss))
 
-    def _walk(self, n: int, data: list[ConceptData], field_name: str) -> list[tuple[int, int]]:
+    def neighbour_batch(self, n: int):
+        """n neighbour latents with their own prompt, walked without replacement over every image of
+        every neighbour (as concept_batch with replace=False)."""
+        xs, cs = [], []
+        for k, j in self._walk(n, self.neighbours, "latents", tag="neighbours"):
+            xs.append(self.neighbours[k].latents[j : j + 1])
+            cs.append(self.neighbours[k].prompt_embeds)
+        return self._to(torch.cat(xs)), self._to(torch.cat(cs))
+
+    def _walk(self, n: int, data: list, field_name: str, tag: str | None = None) -> list[tuple[int, int]]:
         """The next n (concept, image) pairs of a shuffled pass over every image of `data`; a new
         shuffled pass starts when one is used up (a batch may straddle two passes)."""
-        key = (field_name, tuple(d.name for d in data))
+        key = (tag or field_name, tuple(d.word if tag else d.name for d in data))
         order, pos = self._walks.get(key, ([], 0))
         out: list[tuple[int, int]] = []
         while len(out) < n:

@@ -9,8 +9,12 @@ this ranks
 
 the same states the UNet reads, so the ranking is the model's own, not a general word similarity.
 It also proposes a superclass (the taxonomy's for a known class, else the superclass of the most
-similar known class) and the known synonyms. What it proposes is a starting point for the spec,
-not a decision: the operator names the concept and chooses.
+similar known class) and the known synonyms, checks the anchor by measurement (`check_anchor`: the
+superclass pictures drawn with and without the concept as negative prompt, judged by the world's
+classifier; the rule of sculpt.data.anchors decides) and writes a whole spec the user can edit
+(`Suggestion.spec_yaml(model)`), with the neighbours to keep that the paper's method would pick.
+What it proposes is a starting point for the spec, not a decision: the operator names the concept
+and chooses.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sculpt.config import fill_template
-from sculpt.data.prepare import encode_prompts
+from sculpt.config import Concept, DataConfig, fill_template
+from sculpt.data.neighbours import similarities
 
 
 @dataclass
@@ -33,24 +37,30 @@ class Suggestion:
     members: list[str] = field(default_factory=list)  # a family: the classes it covers
     template: str = "a photo of a {}"
     notes: list[str] = field(default_factory=list)
+    keep: list[str] = field(default_factory=list)  # the neighbours the paper's method keeps (sculpt.data.neighbours)
+    anchor: dict | None = None  # check_anchor's measurements and choice, when measured
 
-    def spec_yaml(self) -> str:
-        """A concept entry to paste into a spec."""
-        lines = [f"  - name: {self.concept}", f"    superclass: {self.superclass or '<choose one>'}"]
+    def concept_entry(self) -> dict:
+        entry: dict = {"name": self.concept, "superclass": self.superclass or "<choose one>"}
         if self.members:
-            lines.append(f"    members: [{', '.join(self.members)}]")
+            entry["members"] = list(self.members)
         if self.synonyms:
-            lines.append(f"    synonyms: [{', '.join(self.synonyms)}]")
-        return "\n".join(lines)
+            entry["synonyms"] = list(self.synonyms)
+        if self.keep:
+            entry["neighbours"] = list(self.keep)
+        return entry  # no negative_prompt: the anchor rule decides it again when the data is made
 
+    def spec_yaml(self, model: str = "emoji") -> str:
+        """A whole spec (model, method, this concept) that `sculpt erase` accepts as it is."""
+        import yaml
 
-def similarities(pipe, concept: str, words: list[str], template: str = "a photo of a {}") -> list[tuple[str, float]]:
-    """cos(E(concept prompt), E(word prompt)) for each word, most similar first."""
-    prompts = [fill_template(template, w) for w in [concept, *words]]
-    with torch.no_grad():
-        states = encode_prompts(pipe, prompts).flatten(1)
-    sims = torch.nn.functional.cosine_similarity(states[:1], states[1:])
-    return sorted(zip(words, sims.tolist()), key=lambda x: -x[1])
+        head = [f"# written by `sculpt suggest {self.concept}`: check the superclass, the synonyms and the",
+                "# neighbours to keep (nearest in the model's text space), then run `sculpt erase` on it."]
+        if self.anchor is not None:
+            head.append(f"# anchor check ({self.anchor.get('n', '-')} pictures): {self.anchor['how']}; the run's "
+                        "data applies the same rule")
+        body = {"model": model, "method": {"name": "sculpting"}, "concepts": [self.concept_entry()]}
+        return "\n".join(head) + "\n" + yaml.safe_dump(body, sort_keys=False, allow_unicode=True)
 
 
 def suggest(concept: str, pipe, vocabulary: list[str] | None = None, taxonomy=None, top: int = 8,
@@ -93,5 +103,49 @@ def suggest(concept: str, pipe, vocabulary: list[str] | None = None, taxonomy=No
     else:
         superclass, reason = None, "no taxonomy for this model: choose a superclass the model draws well"
         notes.append("no known synonyms either: list the words users would type for it")
-    return Suggestion(concept, superclass, reason, synonyms, ranked[:top], members=[m.name for m in members],
-                      template=template, notes=notes)
+    out = Suggestion(concept, superclass, reason, synonyms, ranked[:top], members=[m.name for m in members],
+                     template=template, notes=notes)
+    if superclass is not None:  # what the paper's method would keep, by its own rule
+        from sculpt.data.neighbours import nearest
+        from sculpt.methods.sculpting import NB_COUNT
+
+        spec = Concept(name=concept, superclass=superclass, synonyms=synonyms, members=out.members)
+        out.keep = [w for w, _ in nearest(pipe, spec, list(dict.fromkeys(words)), NB_COUNT, set(), template)]
+    return out
+
+
+def check_anchor(pipe, s: Suggestion, judge, data: DataConfig | None = None, n: int = 16, seed: int = 0) -> dict:
+    """Draw n superclass pictures with and without the concept as negative prompt (the data's sampler)
+    and judge them: the share in the superclass and the share showing the concept, for each, and
+    what the anchor rule (sculpt.data.anchors) would keep. Stored on `s` and returned. With no judge
+    (a real model without a classifier) the check is reported as unmeasured."""
+    from sculpt.data.anchors import SUPERCLASS, needs_second_draw, shares
+    from sculpt.eval.sampling import Job, SamplerSettings, generate
+    from sculpt.models.loading import model_hash
+
+    if s.superclass is None:
+        raise ValueError("check_anchor: no superclass to check (choose one first)")
+    spec = Concept(name=s.concept, superclass=s.superclass, synonyms=s.synonyms, members=s.members)
+    unmeasured = {"how": "unmeasured: no classifier for this model's superclass; the paper's pictures"}
+    if judge is None:
+        s.anchor = unmeasured
+        return s.anchor
+    data = data or DataConfig()
+    jobs = [Job(fill_template(s.template, s.superclass), seed + i) for i in range(n)]
+    mhash = model_hash(pipe)
+    verdicts = {}
+    for label, negative in (("with_negative", spec.superclass_negative()), ("without_negative", "")):
+        settings = SamplerSettings(steps=data.num_inference_steps, guidance=data.guidance_scale, negative_prompt=negative)
+        verdicts[label] = judge(generate(pipe, jobs, settings, mhash), spec)
+        if verdicts[label] is None:
+            s.anchor = unmeasured
+            return s.anchor
+    both = needs_second_draw(verdicts["with_negative"])
+    kept = sum(v.count(SUPERCLASS) for k, v in verdicts.items() if k == "with_negative" or both)
+    s.anchor = {"n": n, **{k: shares(v) for k, v in verdicts.items()}, "kept": kept,
+                "how": (f"in the superclass: {shares(verdicts['with_negative'])['superclass']:.0%} with the concept as "
+                        f"negative prompt, {shares(verdicts['without_negative'])['superclass']:.0%} without "
+                        f"(showing the concept: {shares(verdicts['without_negative'])['concept']:.0%}); the rule keeps "
+                        f"{kept} pictures in the superclass and free of the concept"
+                        + (", from both" if both else ", all drawn with the negative prompt"))}
+    return s.anchor

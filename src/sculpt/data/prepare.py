@@ -2,7 +2,9 @@
 
 For each concept the model itself draws N images of the concept ("a photo of a tench") and N of
 its superclass ("a photo of a fish", with the concept as negative prompt so the anchors do not
-show it). Images are encoded to latents once and stored with the prompt embeddings, so the
+show it, unless the measured anchor rule of `anchors.py` finds that this removes the superclass).
+Neighbour-aware methods also get images of the concepts to keep near it (`prepare_neighbour_data`).
+Images are encoded to latents once and stored with the prompt embeddings, so the
 training loop never runs the VAE or the text encoder.
 
 Cache layout: <cache_dir>/<key>/data.safetensors and images/*.png, where key hashes everything
@@ -14,13 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from sculpt.config import Concept, DataConfig
+from sculpt.config import Concept, DataConfig, fill_template
+from sculpt.data.anchors import MIN_ANCHORS, RULE, SUPERCLASS, AnchorJudge, needs_second_draw, shares
 from sculpt.io import atomic_write
 from sculpt.progress import Progress
 
@@ -31,15 +34,26 @@ class ConceptData:
 
     concept: Concept
     latents: torch.Tensor  # [N, C, h, w] images of the concept, scaled VAE latents
-    anchor_latents: torch.Tensor  # [N, C, h, w] images of the superclass
+    anchor_latents: torch.Tensor  # [M, C, h, w] images of the superclass (M <= 2N: the anchor rule filters)
     prompt_embeds: torch.Tensor  # [P, L, D] the concept's prompts (and synonyms)
     anchor_embeds: torch.Tensor  # [1, L, D] the superclass prompt
     key: str  # cache key: identifies this data for audit and resume
     image_dir: Path
+    anchor: dict = field(default_factory=dict)  # the anchor rule's measurements and choice (for the ledger)
 
     @property
     def name(self) -> str:
         return self.concept.name
+
+
+@dataclass
+class NeighbourData:
+    """Images of a concept to keep (a neighbour at risk) and its prompt, made by the model."""
+
+    word: str
+    latents: torch.Tensor  # [N, C, h, w]
+    prompt_embeds: torch.Tensor  # [1, L, D]
+    key: str
 
 
 def stable_seed(seed: int, text: str) -> int:
@@ -75,6 +89,7 @@ def generate_latents(
     image_dir: Path,
     tag: str,
     bar=None,
+    keep_images: list | None = None,
 ) -> torch.Tensor:
     """Draw cfg.n_images images (prompts used in turn), save them as PNG, return their latents.
 
@@ -103,7 +118,10 @@ def generate_latents(
         images = denoise(pipe, noise, embeds(batch_prompts), uncond, cfg.guidance_scale, settings)  # [n, 3, H, W] in [0, 1]
         for j, img in enumerate(images):
             array = (img.permute(1, 2, 0).float().cpu().numpy() * 255).round().astype("uint8")
-            Image.fromarray(array).save(image_dir / f"{tag}_{start + j:04d}.png")
+            picture = Image.fromarray(array)
+            picture.save(image_dir / f"{tag}_{start + j:04d}.png")
+            if keep_images is not None:
+                keep_images.append(picture)
         x = images.to(vae.device, vae.dtype) * 2 - 1
         # The mean of q(z|x): deterministic, and what the paper's "encode once" amounts to.
         z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
@@ -113,12 +131,17 @@ def generate_latents(
     return torch.cat(latents)
 
 
-def data_key(model_hash: str, concept: Concept, cfg: DataConfig, seed: int, size: int) -> str:
+def data_key(model_hash: str, concept: Concept, cfg: DataConfig, seed: int, size: int,
+             judge: AnchorJudge | None = None) -> str:
+    # The negative prompt as given, or the rule's inputs: the paper's candidate and who measures it.
+    negative = (concept.negative_prompt if concept.negative_prompt is not None else
+                {"rule": concept.superclass_negative(), "judge": judge.fingerprint if judge else "unmeasured",
+                 "version": 2})  # 2: judged pictures, filtered
     spec = {
         "model": model_hash,
         "prompts": concept.concept_prompts(cfg.prompt_template),
         "anchor": concept.superclass_prompt(cfg.prompt_template),
-        "negative": concept.superclass_negative(),
+        "negative": negative,
         "n": cfg.n_images,
         "steps": cfg.num_inference_steps,
         "guidance": cfg.guidance_scale,
@@ -130,33 +153,36 @@ def data_key(model_hash: str, concept: Concept, cfg: DataConfig, seed: int, size
 
 
 def prepare_concept_data(
-    pipe, concept: Concept, cfg: DataConfig, seed: int, cache_dir: Path, model_hash: str, progress: bool = True
+    pipe, concept: Concept, cfg: DataConfig, seed: int, cache_dir: Path, model_hash: str, progress: bool = True,
+    judge: AnchorJudge | None = None,
 ) -> ConceptData:
     """Load the concept's data from the cache, or make it (generate, encode, save) once; making it
-    shows a progress bar (one line when stderr is not a terminal)."""
+    shows a progress bar (one line when stderr is not a terminal). judge: measures the anchor images
+    for the anchor rule (anchors.py) when the concept leaves its negative prompt to the rule."""
     size = image_size(pipe, cfg)
-    key = data_key(model_hash, concept, cfg, seed, size)
+    key = data_key(model_hash, concept, cfg, seed, size, judge)
     folder = Path(cache_dir) / key
     file = folder / "data.safetensors"
     if not file.is_file():
         prompts = concept.concept_prompts(cfg.prompt_template)
-        anchor = concept.superclass_prompt(cfg.prompt_template)
+        anchor_prompt = concept.superclass_prompt(cfg.prompt_template)
         concept_seed = stable_seed(seed, concept.name)
         with Progress(f"data: {concept.name}", total=2 * cfg.n_images, unit="img", enabled=progress) as bar:
-            t = {
-                "latents": generate_latents(pipe, prompts, None, cfg, concept_seed, folder / "images", "concept", bar),
-                "anchor_latents": generate_latents(
-                    pipe, [anchor], concept.superclass_negative(), cfg, concept_seed + 1_000_003,
-                    folder / "images", "anchor", bar,
-                ),
-                "prompt_embeds": encode_prompts(pipe, prompts),
-                "anchor_embeds": encode_prompts(pipe, [anchor]),
-            }
-        meta = {"concept": concept.model_dump_json(), "key": key, "model_hash": model_hash}
+            latents = generate_latents(pipe, prompts, None, cfg, concept_seed, folder / "images", "concept", bar)
+            anchor_latents, anchor = _anchor_latents(pipe, concept, anchor_prompt, cfg, concept_seed + 1_000_003,
+                                                     folder / "images", bar, judge)
+        t = {"latents": latents, "anchor_latents": anchor_latents,
+             "prompt_embeds": encode_prompts(pipe, prompts), "anchor_embeds": encode_prompts(pipe, [anchor_prompt])}
+        meta = {"concept": concept.model_dump_json(), "key": key, "model_hash": model_hash,
+                "anchor": json.dumps(anchor)}
         atomic_write(file, lambda tmp: save_file({k: v.contiguous() for k, v in t.items()}, tmp, metadata=meta))
     # Always train on what the cache holds, in fresh (aligned) memory: a first run and a resumed one
     # then compute on identical inputs, bit for bit.
     t = {k: v.clone() for k, v in load_file(str(file)).items()}
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as f:
+        anchor = json.loads((f.metadata() or {}).get("anchor", "{}"))
     return ConceptData(
         concept=concept,
         latents=t["latents"],
@@ -165,4 +191,74 @@ def prepare_concept_data(
         anchor_embeds=t["anchor_embeds"],
         key=key,
         image_dir=folder / "images",
+        anchor=anchor,
     )
+
+
+def _anchor_latents(pipe, concept: Concept, prompt: str, cfg: DataConfig, seed: int, image_dir: Path, bar,
+                    judge: AnchorJudge | None) -> tuple[torch.Tensor, dict]:
+    """The superclass images: with the negative prompt the spec gives, else by the anchor rule
+    (anchors.py): judged pictures, filtered."""
+    if concept.negative_prompt is not None:
+        z = generate_latents(pipe, [prompt], concept.negative_prompt, cfg, seed, image_dir, "anchor", bar)
+        return z, {"negative_prompt": concept.negative_prompt, "how": "given in the spec"}
+    pictures: list = []
+    negative = concept.superclass_negative()
+    z = generate_latents(pipe, [prompt], negative, cfg, seed, image_dir, "anchor", bar, pictures)
+    verdicts = judge(pictures, concept) if judge is not None else None
+    record = {"rule": RULE, "judge": judge.fingerprint if judge is not None else None, "negative_prompt": negative}
+    if verdicts is None:
+        record["how"] = "unmeasured (no judge for this superclass): the paper's pictures"
+        return z, record
+    record["with_negative"] = {**shares(verdicts), "verdicts": verdicts}
+    kept = [z[i] for i, v in enumerate(verdicts) if v == SUPERCLASS]
+    how = "measured: the negative prompt's pictures in the superclass and free of the concept"
+    if needs_second_draw(verdicts):
+        pictures = []
+        z_plain = generate_latents(pipe, [prompt], "", cfg, seed, image_dir, "anchor_plain", None, pictures)
+        plain = judge(pictures, concept)
+        record["without_negative"] = {**shares(plain), "verdicts": plain}
+        kept += [z_plain[i] for i, v in enumerate(plain) if v == SUPERCLASS]
+        how = ("measured: the negative prompt leaves too few pictures in the superclass; those in it and free "
+               "of the concept, with and without it")
+    if len(kept) < MIN_ANCHORS:
+        record.update(how=f"measured: fewer than {MIN_ANCHORS} pictures in the superclass: the paper's, unfiltered",
+                      n_kept=len(z))
+        return z, record
+    record.update(how=how, n_kept=len(kept))
+    return torch.stack(kept), record
+
+
+def neighbour_key(model_hash: str, word: str, cfg: DataConfig, seed: int, size: int) -> str:
+    spec = {"model": model_hash, "neighbour": fill_template(cfg.prompt_template, word), "n": cfg.neighbour_images,
+            "steps": cfg.num_inference_steps, "guidance": cfg.guidance_scale, "size": size, "seed": seed,
+            "batch": cfg.batch_size}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def prepare_neighbours(pipe, words: list[str], cfg: DataConfig, seed: int, cache_dir: Path, model_hash: str,
+                       progress: bool = True) -> dict[str, NeighbourData]:
+    """cfg.neighbour_images images of each concept to keep ("a photo of a dog"), made once and cached
+    like concept data (one progress line for all); the same word gives the same data whichever
+    concept it is a neighbour of."""
+    size = image_size(pipe, cfg)
+    keys = {w: neighbour_key(model_hash, w, cfg, seed, size) for w in dict.fromkeys(words)}
+    files = {w: Path(cache_dir) / k / "data.safetensors" for w, k in keys.items()}
+    missing = [w for w, f in files.items() if not f.is_file()]
+    if missing:
+        one = cfg.model_copy(update={"n_images": cfg.neighbour_images})
+        with Progress(f"data: {len(missing)} neighbours", total=len(missing) * cfg.neighbour_images, unit="img",
+                      enabled=progress) as bar:
+            for w in missing:
+                prompt = fill_template(cfg.prompt_template, w)
+                t = {"latents": generate_latents(pipe, [prompt], None, one, stable_seed(seed, "neighbour:" + w),
+                                                 files[w].parent / "images", "neighbour", bar),
+                     "prompt_embeds": encode_prompts(pipe, [prompt])}
+                meta = {"neighbour": w, "key": keys[w], "model_hash": model_hash}
+                atomic_write(files[w], lambda tmp, t=t, meta=meta: save_file(
+                    {k: v.contiguous() for k, v in t.items()}, tmp, metadata=meta))
+    out = {}
+    for w, f in files.items():
+        t = {k: v.clone() for k, v in load_file(str(f)).items()}
+        out[w] = NeighbourData(w, t["latents"], t["prompt_embeds"], keys[w])
+    return out

@@ -37,28 +37,15 @@ EMOJI_METHOD = {
 EMOJI_DATA = {"n_images": 32, "num_inference_steps": 20, "guidance_scale": 4.0, "batch_size": 32,
               "prompt_template": "a photo of a {}"}
 
-# Superclass (anchor) images. The paper draws them with the concept as negative prompt so that they
-# do not show the concept; without it, the superclass images of this model contain the concept
-# itself (parachute in 12% of "safety gear" images, fuel pump in 22% of "energy equipment"), and
-# erasing onto such an anchor fails: flag in hole and parachute stayed at 0.50 / 0.69 accuracy after
-# erasing just those two, 0.00 / 0.00 with the negative prompt (16 images each, seeds 0-15). But in
-# this small text encoder's space two concepts are so close to their superclass that the negative
-# prompt removes the superclass too: "a photo of a dog" minus "poodle" gives 0.00 dogs, "building"
-# minus "church" 0.19 buildings. Rule: the concept is the negative prompt (the paper) unless that
-# leaves fewer than half of the superclass images in the superclass; then none.
-# Measured by `python benchmarks/emoji_anchors.py` on the committed model (table in docs/results.md).
-ANCHOR_WITHOUT_NEGATIVE = frozenset({"poodle", "church"})
-
-
-def anchor_negative_prompt(concept: str) -> str:
-    return "" if concept in ANCHOR_WITHOUT_NEGATIVE else concept
-
+# Superclass (anchor) images: the concept as negative prompt (the paper) unless the emoji classifier
+# finds that this removes the superclass; the rule is sculpt.data.anchors', the same for every concept
+# and method, applied when the data is made and recorded in the ledger (poodle and church are such
+# cases: "a photo of a dog" minus "poodle" draws no dog; `python benchmarks/emoji_anchors.py`).
 
 # The unsafe experiment: the weapons family (seven classes) erased as one concept. Its anchor is the
 # world's superclass named by the Unicode subgroup most members share ("tool": dagger, axe, bomb, bow
 # and arrow, crossed swords), a rule on the taxonomy, not a choice on measured results. The anchor
-# images take the family's name as negative prompt (the paper), checked by the same rule as the
-# targets' anchors: `python benchmarks/emoji_anchors.py --family` (docs/results.md).
+# images go through the same anchor rule as the targets' (`python benchmarks/emoji_anchors.py --family`).
 UNSAFE_FAMILY = "weapon"
 UNSAFE_ANCHOR = "tool"
 
@@ -71,7 +58,7 @@ def unsafe_spec(output: Path, method: dict | None = None) -> RunConfig:
     tax = load_taxonomy()
     words = [s for w in tax.weapons for s in w.synonyms]
     concept = {"name": UNSAFE_FAMILY, "superclass": UNSAFE_ANCHOR, "members": list(tax.weapon_names),
-               "synonyms": words, "negative_prompt": UNSAFE_FAMILY}
+               "synonyms": words}
     return RunConfig(model="emoji", output=str(output), mode="sequential",
                      method={**EMOJI_METHOD, **(method or {})}, data=EMOJI_DATA, concepts=[concept])
 
@@ -84,7 +71,7 @@ def demo_spec(targets: list[str], output: Path, method: dict | None = None) -> R
     tax = load_taxonomy()
     # The prompts are the ones evaluation uses (the authors' script trained on "a photo of X" and
     # evaluated on "a photo of a X"; here they match), plus the taxonomy's synonyms.
-    concepts = [{"name": t, "superclass": tax[t].superclass, "negative_prompt": anchor_negative_prompt(t),
+    concepts = [{"name": t, "superclass": tax[t].superclass,
                  "prompts": [class_prompt(w) for w in (t, *tax[t].synonyms)]} for t in targets]
     return RunConfig(model="emoji", output=str(output), mode="sequential",
                      method={**EMOJI_METHOD, **(method or {})}, data=EMOJI_DATA, concepts=concepts)

@@ -55,6 +55,11 @@ class ErasureMethod(ABC):
         """Optimisation steps in one stage (for progress bars); 0 for closed-form methods."""
         return 0
 
+    def neighbours_wanted(self) -> int:
+        """How many neighbours at risk per concept the method preserves (sculpt.data.neighbours); the
+        run then gives the stage their data as ctx.neighbours. 0: the method has no such term."""
+        return 0
+
     # State carried from one stage to the next (e.g. the freeze mask); saved with checkpoints.
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}
