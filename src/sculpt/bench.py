@@ -96,11 +96,11 @@ def _steps(paper: int) -> int:
     return max(1, round(paper * STEP_SCALE))
 
 
-def _salun_epochs(paper_epochs: int = 5, batch: int = 8, paper_images: int = 100, emoji_images: int = 32) -> int:
-    """SalUn counts epochs over the concept images: match its step count, not its epoch count
-    (paper: 5 x ceil(100/8) = 65 steps -> 26 steps -> 7 epochs of ceil(32/8) = 4 steps)."""
-    paper_steps = paper_epochs * math.ceil(paper_images / batch)
-    return max(1, math.ceil(_steps(paper_steps) / math.ceil(emoji_images / batch)))
+def _salun_steps(paper_epochs: int = 5, batch: int = 8, paper_images: int = 950) -> int:
+    """SalUn counts epochs over its forget set, one whole Imagenette class in the authors' runs (~950
+    training images): 5 x ceil(950/8) = 595 steps -> 238. The preset fixes the step count (SalUn's
+    `steps`) rather than epochs: an epoch over a concept's few images here is a handful of steps."""
+    return _steps(paper_epochs * math.ceil(paper_images / batch))
 
 
 def _emoji_presets() -> dict[str, dict[str, Any]]:
@@ -113,12 +113,14 @@ def _emoji_presets() -> dict[str, dict[str, Any]]:
         "esd-x": {"name": "esd-x", **esd},  # paper: 1000 it, lr 1e-5 -> 400 it, lr 1e-3
         "esd-u": {"name": "esd-u", **esd},
         "uce": {"name": "uce", "lam": 0.5, "guide": "superclass", "preserve_superclasses": True},  # closed form
-        "ac": {"name": "ac", "steps": _steps(400), "lr": _lr(2e-6), "batch_size": 8},  # 400, 2e-6 -> 160, 2e-4
-        "salun": {"name": "salun", "epochs": _salun_epochs(), "lr": _lr(1e-5), "batch_size": 8,
-                  "mask_ratio": 0.5, "alpha": 0.5},  # 65 steps, 1e-5 -> 28 steps, 1e-3
+        # AC: the README's 2e-6 per image x global batch 8 (--scale_lr) = 1.6e-5; no regulariser (its default)
+        "ac": {"name": "ac", "steps": _steps(400), "lr": _lr(2e-6 * 8), "batch_size": 8,
+               "prior_loss_weight": 0.0},  # 400, 1.6e-5 -> 160, 2e-3
+        "salun": {"name": "salun", "steps": _salun_steps(), "lr": _lr(1e-5), "batch_size": 8,
+                  "mask_ratio": 0.5, "alpha": 0.5},  # 595 steps, 1e-5 -> 238 steps, 1e-3
         "fmn": {"name": "fmn", "steps": _steps(35), "lr": _lr(2e-6), "batch_size": 1},  # 35, 2e-6 -> 14, 2e-4
         "mace": {"name": "mace", "lora_steps": _steps(50), "lora_lr": _lr(1e-5), "lora_rank": 1,
-                 "lam": 1e3},  # LoRA 50 steps, 1e-5 -> 20, 1e-3; closed-form parts unchanged
+                 "lam": 1e3},  # LoRA 50 steps, 1e-5 -> 20, 1e-3; lam: the authors', per summed token (mace.py)
         "speed": {"name": "speed"},  # closed form: nothing to scale
         "fia": {"name": "fia", "inference_steps": 20, "saliency_steps": 4},  # no training; first 10 of 50 -> 4 of 20
     }
@@ -209,6 +211,7 @@ def _timed_erase(cfg: RunConfig, pipe, progress: bool) -> dict[str, Any]:
 
 def _prepare_data(cfg: RunConfig, pipe) -> None:
     """Make every concept's training data once (shared by all methods: same model, data, seed)."""
+    from sculpt.data.anchors import default_judge
     from sculpt.data.prepare import prepare_concept_data
     from sculpt.paths import default_cache_dir
     from sculpt.models.loading import model_hash, resolve_device
@@ -217,8 +220,9 @@ def _prepare_data(cfg: RunConfig, pipe) -> None:
     pipe.set_progress_bar_config(disable=True)
     cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir() / "data"
     base_hash = model_hash(pipe)
+    judge = default_judge(cfg.model)  # the anchor rule's, as erase uses it: the same data keys
     for c in cfg.concepts:
-        prepare_concept_data(pipe, c, cfg.data, cfg.seed, cache, base_hash)
+        prepare_concept_data(pipe, c, cfg.data, cfg.seed, cache, base_hash, judge=judge)
 
 
 def _import_factory(factory: str) -> Callable[[], Any]:
@@ -376,6 +380,7 @@ def run_bench(
     progress: bool = True,
     echo: Callable[[str], None] = print,
     attacks: list[str] | None = None,
+    kept_classes: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Erase `concepts` (sequentially, in order) with each method on a fresh copy of `model`, evaluate
     each run the same way, and write out/bench.md, out/bench.csv and out/report.html.
@@ -388,7 +393,8 @@ def run_bench(
     isolate: run each method's erase in its own process (honest per-method peak memory). Default:
     True unless pipe_factory is given (a Python callable cannot cross the process boundary; pass
     worker_factory="module:function" for the child processes instead).
-    benchmark, classifier, scorer, detector, cache: passed to sculpt.eval.evaluate.
+    benchmark, classifier, scorer, detector, cache, kept_classes: passed to sculpt.eval.evaluate
+    (kept_classes: which kept classes to measure; default every class not erased).
     attacks: also attack each method's run with these (sculpt.attacks; its world budgets, the
     evaluation's n and seed, no base-model control) and add a column per attack: the mean share of
     attacked pictures classified as the erased concept.
@@ -474,7 +480,7 @@ def run_bench(
                 eval_pipe = _fresh(factory)
             evaluate(model=model, run=run_dir, out=eval_dir, settings=settings, pipe=eval_pipe, benchmark=benchmark,
                      classifier=classifier, scorer=scorer, detector=detector, cache=cache,
-                     device=str(eval_pipe.device), progress=progress)
+                     kept_classes=kept_classes, device=str(eval_pipe.device), progress=progress)
         if attacks:
             if _attack_finished(run_dir / "attack", attacks, settings):
                 echo(f"bench: {label}: attacks found, not re-run")

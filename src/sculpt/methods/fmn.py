@@ -8,13 +8,15 @@ No denoising term: once no pixel attends to the words, the prompt stops drawing 
 The concept tokens are the concept's words (name and synonyms) located with the pipeline's
 tokenizer, plus the end-of-text token (`use_pooler`, as in the authors' configuration).
 
-Defaults: the authors' configuration (35 steps, lr 2e-6 constant, batch 1, the whole UNet trained).
-Differences: the paper first learns a textual-inversion token for the concept from its images and
-steers the attention of that token; here the concept's own words are used (the images are the
-model's own drawings of them). Only the end-of-text token that closes the prompt is steered: the
-authors mark every token with that id, which on their SD 2.x is the same thing, but SD 1.x pads with
-it. Adam without weight decay (the authors: AdamW, 0.01). All of the stage's concepts are trained
-together, as the authors' multi-concept runs do.
+Defaults: the authors' configuration (configs/attn.yaml: 35 steps, lr 2e-6 constant, batch 1, the
+whole UNet trained, gradient norm clipped at 1.0). Remaining differences from the authors' code:
+- the paper first learns a textual-inversion token for the concept from its images (`use_ti: true`)
+  and steers the attention of that token; here the concept's own words are used (the images are the
+  model's own drawings of them);
+- only the end-of-text token that closes the prompt is steered: the authors mark every token with
+  that id, which on their SD 2.x is the same thing, but SD 1.x pads with it;
+- Adam without weight decay (the authors: AdamW, 0.01);
+All of the stage's concepts are trained together, as the authors' multi-concept runs do.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class FMNConfig(MethodConfig):
     batch_size: int = Field(1, ge=1)
     train: Literal["unet", "cross_attention"] = Field("unet", description="authors: the whole UNet")
     use_pooler: bool = Field(True, description="also steer the end-of-text token's attention")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm (the authors: 1.0); null: no clipping")
     prompt_template: str = Field("a photo of {}", description="the authors' template for objects")
 
 
@@ -95,6 +98,8 @@ class ForgetMeNot(ErasureMethod):
                 loss = torch.cat([m.flatten() for m in rec.maps]).norm()
                 check_finite(L_fmn=loss)
                 ctx.accelerator.backward(loss)
+                if cfg.max_grad_norm is not None:
+                    ctx.accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 mass = rec.mass().mean().item()
