@@ -4,11 +4,13 @@
     sculpt bench --methods sculpting esd-x uce --targets poodle church --quick
     sculpt bench --methods sculpting --set sculpting.lambda_kd=0.25 --out runs/bench-kd025   # a variant
     sculpt bench --spec imagenette.yaml --classifier ./resnet-50 --methods sculpting uce --out runs/inet
+    sculpt bench --protocol benchmarks/protocol.yaml --out runs/protocol --workers 2   # issue 12's protocol
 
 With the emoji model (default) the concepts are the taxonomy's (name, superclass, synonyms), the data
 settings are the demo's (EMOJI_DATA) and each method runs at sculpt.bench.EMOJI_PRESETS. With
 --spec, the model, concepts and data come from the spec and every method runs at its paper
-defaults (the spec's own `method` is ignored).
+defaults (the spec's own `method` is ignored). With --protocol, sculpt.bench_protocol.run_protocol
+runs the protocol file's development sweep, selection and seeded test runs (--phase, --workers).
 """
 
 from __future__ import annotations
@@ -53,6 +55,14 @@ def add_commands(subparsers) -> None:
     b.add_argument("--device", default="auto")
     b.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=VALUE",
                    help="override one setting of a listed method's preset (YAML value; repeatable)")
+    b.add_argument("--protocol", metavar="FILE",
+                   help="run a benchmark protocol (benchmarks/protocol.yaml): every method's grid on the development "
+                        "concepts, the selection rule, then paper defaults and the selected setting on the test "
+                        "targets with every seed; resumable unit by unit (sculpt.bench_protocol)")
+    b.add_argument("--phase", choices=["dev", "test", "all"], default="all",
+                   help="with --protocol: the development sweep, the test runs (needs dev finished), or both")
+    b.add_argument("--workers", type=int, default=1,
+                   help="with --protocol: units run at a time, each in its own one-thread process (2 on a 2-core CPU)")
     b.set_defaults(func=cmd_bench)
 
 
@@ -61,6 +71,10 @@ def cmd_bench(args) -> int:
     from sculpt.eval.evaluate import EvalSettings
     from sculpt.methods import available_methods
 
+    if args.methods:  # "--methods a b" and "--methods a,b" alike
+        args.methods = [m for a in args.methods for m in a.split(",") if m]
+    if args.protocol:
+        return cmd_bench_protocol(args)
     methods = args.methods or available_methods()
     unknown = [m for m in methods if m not in available_methods()]
     if unknown:
@@ -145,6 +159,35 @@ def cmd_bench(args) -> int:
         return _fail(str(exc))
     print((out / "bench.md").read_text())
     return 0 if rows else 1
+
+
+def cmd_bench_protocol(args) -> int:
+    """`sculpt bench --protocol FILE`: check the file and the flags, call run_protocol."""
+    from sculpt.bench import BenchError
+    from sculpt.bench_protocol import ProtocolRunError, run_protocol
+    from sculpt.emoji.taxonomy import load_taxonomy
+    from sculpt.protocol import ProtocolError, load_protocol
+
+    other = [flag for flag, given in (("--spec", args.spec), ("--set", args.set), ("--attacks", args.attacks),
+                                      ("--unsafe-family", args.unsafe_family), ("--targets", args.targets != ["all"]),
+                                      ("--in-process", args.in_process)) if given]
+    if other:
+        return _fail(f"--protocol fixes what runs; {', '.join(other)} cannot be combined with it")
+    if args.workers < 1:
+        return _fail("--workers must be positive")
+    try:
+        protocol = load_protocol(args.protocol, load_taxonomy().names)
+        if protocol.model != "emoji":
+            return _fail(f"{args.protocol}: model {protocol.model!r}: only the emoji world's protocol runs from the "
+                         "command line (run_protocol takes a World for others)")
+        run_protocol(protocol, Path(args.out), methods=args.methods, phase=args.phase, workers=args.workers,
+                     quick=args.quick,
+                     command="sculpt " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"]
+                     else None)
+    except (ProtocolError, ProtocolRunError, BenchError) as exc:
+        return _fail(str(exc))
+    print((Path(args.out) / "protocol.md").read_text())
+    return 0
 
 
 def _with_overrides(presets: dict, sets: list[str], methods: list[str]) -> dict:

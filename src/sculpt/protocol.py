@@ -11,8 +11,8 @@ hyperparameters that matter for it), the selection rule, and the seeds of the te
     seeds: [0, 1, 2]
 
 This module reads and checks a protocol (every error names the method and field), applies the
-selection rule, and computes the intervals the test table reports. Running it (`sculpt bench
---protocol`) is not built yet.
+selection rule, and computes the intervals the test table reports. sculpt.bench_protocol runs it
+(`sculpt bench --protocol FILE`).
 """
 
 from __future__ import annotations

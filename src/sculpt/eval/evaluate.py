@@ -237,6 +237,7 @@ def evaluate(
     out: str | Path | None = None,
     settings: EvalSettings | None = None,
     concepts: list[str] | None = None,
+    kept_classes: list[str] | None = None,
     pipe=None,
     benchmark: Benchmark | None = None,
     classifier: Classifier | None = None,
@@ -258,6 +259,8 @@ def evaluate(
     through the benchmark classes of its name and its members (a family such as "weapon": each
     member as erased); what no class matches is named in the log and in metrics.json's
     "resolution", never replaced by another list. Whatever the patches erased is never a kept class.
+    kept_classes: the kept classes to measure (preservation, CLIP, FID); default: every benchmark
+    class not erased and not measured. A protocol scores development and test kept classes apart.
     benchmark, classifier, scorer, detector: default to the emoji world's when model == "emoji";
     scorer=False / detector=False switch those parts off. A scorer is anything with
     similarity(images, texts) -> [B, T] (100 * cosine): EmojiScorer, classifiers.TransformersCLIPScorer.
@@ -292,7 +295,10 @@ def evaluate(
     # Whatever the patches erased is never "kept", measured or not (a family's members included).
     classes_of = {r.concept: r.classes for r in resolve_concepts(benchmark, specs, None, quiet=True)}
     erased_classes = {c for cs in classes_of.values() for c in cs} | set(erased_all)
-    kept = [c.name for c in benchmark.classes if c.name not in erased_classes | set(measured)]
+    if kept_classes is not None and (unknown := sorted(set(kept_classes) - set(benchmark.names))):
+        raise ValueError(f"kept_classes: not classes of the {benchmark.name} benchmark: {', '.join(unknown)}")
+    kept = [c.name for c in benchmark.classes if c.name not in erased_classes | set(measured)
+            and (kept_classes is None or c.name in kept_classes)]
     ctx.anchors = {c: r.superclass for r in resolutions if r.superclass for c in r.classes}
 
     states = _ModelStates(pipe, force=force)
