@@ -73,3 +73,44 @@ def test_the_written_spec_loads_and_the_anchor_check_measures_the_rule(emoji, tm
     cfg = load_spec(path)
     assert cfg.concepts[0].name == "poodle" and cfg.concepts[0].superclass == "dog"
     assert cfg.concepts[0].neighbours == s.keep and cfg.concepts[0].negative_prompt is None
+
+
+def _wordnet_folder(tmp_path):
+    """A three-synset WordNet in the database's own format: tench -> cyprinid -> fish (byte offsets
+    as WordNet lays them out: each data line starts with its own offset)."""
+    synsets = [("tench", ["tench", "Tinca_tinca"], "cyprinid"), ("cyprinid", ["cyprinid", "cyprinid_fish"], "fish"),
+               ("fish", ["fish"], None)]
+    header = "  1 This file is a tiny stand-in for WordNet 3.0's data.noun\n"
+    offsets, at = {}, len(header.encode())
+    for key, words, up in synsets:  # offsets are 8 digits wide: a line's length does not depend on them
+        offsets[key] = at
+        at += len(_data_line(0, words, None if up is None else 0).encode())
+    lines = [_data_line(offsets[k], w, offsets[h] if h else None) for k, w, h in synsets]
+    (tmp_path / "data.noun").write_text(header + "".join(lines))
+    index = "".join(f"{w.lower()} n 1 1 @ 1 0 {offsets[k]:08d}  \n" for k, words, _ in synsets for w in words)
+    (tmp_path / "index.noun").write_text("  1 licence\n" + index)
+    return tmp_path
+
+
+def _data_line(offset, words, hypernym) -> str:
+    pointers = f"001 @ {hypernym:08d} n 0000" if hypernym is not None else "000"
+    return f"{offset:08d} 05 n {len(words):02x} " + " ".join(f"{w} 0" for w in words) + f" {pointers} | a gloss\n"
+
+
+def test_a_real_model_gets_its_superclass_from_wordnet_hypernyms_ranked_by_its_text_encoder(tmp_path):
+    from sculpt.data.neighbours import similarities
+    from sculpt.data.wordnet import WordNet
+    from sculpt.models.tiny import tiny_pipeline
+
+    wn = WordNet(_wordnet_folder(tmp_path))
+    assert wn.hypernyms("tench") == ["cyprinid", "cyprinid fish", "fish"]  # nearest level first
+    assert wn.hypernyms("Tinca tinca", depth=1) == ["cyprinid", "cyprinid fish"] and wn.hypernyms("unicorn") == []
+    pipe = tiny_pipeline(seed=0)
+    s = suggest("tench", pipe, ["dog", "car"], taxonomy=None, wordnet=wn)
+    best = similarities(pipe, "tench", ["cyprinid", "cyprinid fish", "fish"])[0][0]
+    assert s.superclass == best and "WordNet hypernym" in s.superclass_reason
+    none = suggest("unicorn", pipe, ["dog", "car"], taxonomy=None, wordnet=wn)
+    assert none.superclass is None and "WordNet has no noun 'unicorn'" in none.superclass_reason
+    assert suggest("tench", pipe, ["dog"], taxonomy=None, wordnet=None).superclass is None
+    with pytest.raises(FileNotFoundError, match="wordnet-base"):
+        WordNet(tmp_path / "nowhere")

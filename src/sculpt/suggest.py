@@ -23,8 +23,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from typing import TYPE_CHECKING
+
 from sculpt.config import Concept, DataConfig, fill_template
 from sculpt.data.neighbours import similarities
+
+if TYPE_CHECKING:
+    from sculpt.data.wordnet import WordNet
 
 
 @dataclass
@@ -64,12 +69,14 @@ class Suggestion:
 
 
 def suggest(concept: str, pipe, vocabulary: list[str] | None = None, taxonomy=None, top: int = 8,
-            template: str = "a photo of a {}") -> Suggestion:
+            template: str = "a photo of a {}", wordnet: "WordNet | None | bool" = True) -> Suggestion:
     """Propose a superclass, synonyms and the neighbours at risk for `concept`.
 
     vocabulary: the words to rank (default: the taxonomy's class names). taxonomy: the emoji world's
-    (sculpt.emoji.taxonomy.load_taxonomy()) or None for a real model, where the superclass is left to
-    the operator unless the vocabulary holds close words."""
+    (sculpt.emoji.taxonomy.load_taxonomy()) or None for a real model, whose superclass is proposed
+    from WordNet's hypernyms of the concept (`wordnet`: a WordNet, True to look for the installed
+    one, False/None for none), ranked by similarity in the model's text space; with no WordNet and
+    no known word near it, the superclass is left to the operator."""
     if not concept.strip():
         raise ValueError("suggest: the concept is empty")
     if top < 1:
@@ -101,7 +108,7 @@ def suggest(concept: str, pipe, vocabulary: list[str] | None = None, taxonomy=No
         superclass = nearest.superclass
         reason = f"the superclass of the most similar known class ({nearest.name}, {ranked[0][1]:.3f})"
     else:
-        superclass, reason = None, "no taxonomy for this model: choose a superclass the model draws well"
+        superclass, reason = _wordnet_superclass(pipe, concept, template, wordnet, notes)
         notes.append("no known synonyms either: list the words users would type for it")
     out = Suggestion(concept, superclass, reason, synonyms, ranked[:top], members=[m.name for m in members],
                      template=template, notes=notes)
@@ -149,3 +156,21 @@ def check_anchor(pipe, s: Suggestion, judge, data: DataConfig | None = None, n: 
                         f"{kept} pictures in the superclass and free of the concept"
                         + (", from both" if both else ", all drawn with the negative prompt"))}
     return s.anchor
+
+
+def _wordnet_superclass(pipe, concept: str, template: str, wordnet, notes: list[str]) -> tuple[str | None, str]:
+    """The WordNet hypernym of the concept most similar to it in the model's text space, and why."""
+    from sculpt.data.wordnet import WordNet, find_wordnet
+
+    if wordnet is True:
+        root = find_wordnet()
+        wordnet = WordNet(root) if root is not None else None
+    if not wordnet:
+        return None, ("no taxonomy for this model and no WordNet installed (apt-get install wordnet-base, or "
+                      "$SCULPT_WORDNET): choose a superclass the model draws well")
+    candidates = wordnet.hypernyms(concept, depth=5)
+    if not candidates:
+        return None, f"WordNet has no noun {concept!r}: choose a superclass the model draws well"
+    ranked = similarities(pipe, concept, candidates, template)
+    notes.append("WordNet hypernyms by similarity: " + ", ".join(f"{w} {v:.3f}" for w, v in ranked[:6]))
+    return ranked[0][0], f"the WordNet hypernym most similar to it in the model's text space ({ranked[0][1]:.3f})"
