@@ -45,7 +45,7 @@ from sculpt import ledger
 from sculpt.config import Concept, DataConfig, RunConfig
 from sculpt.data.anchors import default_judge
 from sculpt.data.neighbours import default_vocabulary, run_neighbours
-from sculpt.data.prepare import (ConceptData, check_image_size, encode_prompts, image_size, prepare_concept_data,
+from sculpt.data.prepare import (ConceptData, check_image_size, encode_unconditional, image_size, prepare_concept_data,
                                  prepare_neighbours)
 from sculpt.io import atomic_write, atomic_write_text
 from sculpt.methods import get_method
@@ -53,6 +53,7 @@ from sculpt.model_card import write_model_card
 from sculpt.models.loading import load_pipeline, model_hash, resolve_device
 from sculpt.patch import Patch, PatchError, apply_patch, check_fits, load_patch, make_patch, save_patch, versions
 from sculpt.paths import default_cache_dir, slug
+from sculpt.processes import current as current_processes
 from sculpt.progress import Progress
 from sculpt.stage import LossDivergedError, StageContext, StopRequested
 
@@ -295,8 +296,8 @@ def _stage_neighbours(neighbours: dict[str, list], erased_so_far: list[str]) -> 
 def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, mid_stage, progress: bool, stack: Stack,
            origin_hash: str) -> EraseResult:
     torch.manual_seed(cfg.seed)
-    # Data for every concept, the carried ones included, made once by the model as loaded (the main
-    # process generates, the others read the cache).
+    # Data for every concept, the carried ones included, made once by the model as loaded (with several
+    # processes each draws its share of the pictures; the main process writes the cache).
     cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir() / "data"
     t0 = time.perf_counter()
     data: dict[str, ConceptData] = {}
@@ -305,20 +306,22 @@ def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, mid_stage, pr
     judge = default_judge(cfg.model) if any(c.negative_prompt is None for c in every) else None
     method = get_method(cfg.method_name)(cfg.method_config())
     k = method.neighbours_wanted()
-    with accelerator.main_process_first():
-        for c, data_cfg, seed in [*jobs, *((c, cfg.data, cfg.seed) for c in cfg.concepts)]:
-            data[c.name] = prepare_concept_data(pipe, c, data_cfg, seed, cache, origin_hash,
-                                                progress=progress and accelerator.is_main_process, judge=judge)
-        # Neighbour-aware methods: the concepts to keep near each erased one, with their images.
-        neighbours = run_neighbours(pipe, every, every, k, default_vocabulary(cfg.model, cfg.data.vocabulary),
-                                    cfg.data.prompt_template) if k else {}
-        neighbour_data = prepare_neighbours(pipe, [w for ws in neighbours.values() for w, _ in ws], cfg.data,
-                                            cfg.seed, cache, origin_hash, progress and accelerator.is_main_process)
+    processes = current_processes()
+    for c, data_cfg, seed in [*jobs, *((c, cfg.data, cfg.seed) for c in cfg.concepts)]:
+        data[c.name] = prepare_concept_data(pipe, c, data_cfg, seed, cache, origin_hash,
+                                            progress=progress and accelerator.is_main_process, judge=judge,
+                                            processes=processes)
+    # Neighbour-aware methods: the concepts to keep near each erased one, with their images.
+    neighbours = run_neighbours(pipe, every, every, k, default_vocabulary(cfg.model, cfg.data.vocabulary),
+                                cfg.data.prompt_template) if k else {}
+    neighbour_data = prepare_neighbours(pipe, [w for ws in neighbours.values() for w, _ in ws], cfg.data,
+                                        cfg.seed, cache, origin_hash, progress and accelerator.is_main_process,
+                                        processes)
     for c in every:
         log.info("%s: anchor %s", c.name, data[c.name].anchor.get("how", "?"))
         if neighbours:
             log.info("%s: neighbours kept %s", c.name, ", ".join(w for w, _ in neighbours[c.name]) or "none")
-    empty = encode_prompts(pipe, [""])
+    empty = encode_unconditional(pipe)
     log.info("data ready in %.1fs (cache %s)", time.perf_counter() - t0, cache)
 
     for patch in stack.patches:  # their chain was checked by read_stack: the result is hashed once

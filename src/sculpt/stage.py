@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sculpt.data.prepare import ConceptData, NeighbourData
+from sculpt.models.conditioning import conditioning
 
 
 class LossDivergedError(RuntimeError):
@@ -39,7 +40,7 @@ class StageContext:
     seed: int
     log_file: Path | None = None
     on_step: Callable[[dict[str, Any]], None] | None = None
-    empty_embeds: torch.Tensor | None = None  # [1, L, D], the "" prompt
+    empty_embeds: torch.Tensor | None = None  # [1, L, D], the unconditional embedding (encoded ""; SDXL: zeros)
     neighbours: list[NeighbourData] = field(default_factory=list)  # concepts to keep near this stage's
     stop_flag: dict | None = None  # set to {"stop": True} by the Ctrl-C handler
     gradient_checkpointing: bool = False  # the run's `train.gradient_checkpointing`
@@ -59,6 +60,7 @@ class StageContext:
 
         # Training noise schedule = the model's own (same betas, same prediction type).
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.conditioning = conditioning(self.pipe)  # how the UNet reads a prompt embedding (SD, SDXL)
 
     # -- data ------------------------------------------------------------------------------------
 
@@ -150,9 +152,9 @@ class StageContext:
         return noise
 
     def predict(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """eps_theta(x_t, t; emb)."""
+        """eps_theta(x_t, t; emb) (emb as sculpt.models.conditioning packs it: SDXL's pooled row included)."""
         with self.accelerator.autocast():
-            return model(x_t, t, encoder_hidden_states=emb).sample.float()
+            return model(x_t, t, **self.conditioning.unet_inputs(emb, x_t)).sample.float()
 
     @torch.no_grad()
     def predict_with(self, weights: dict[str, torch.Tensor], x_t, t, emb) -> torch.Tensor:
@@ -162,7 +164,7 @@ class StageContext:
             self._plain_unet = self.accelerator.unwrap_model(self.unet)
         unet = self._plain_unet
         with self.accelerator.autocast():
-            out = torch.func.functional_call(unet, weights, (x_t, t), {"encoder_hidden_states": emb})
+            out = torch.func.functional_call(unet, weights, (x_t, t), self.conditioning.unet_inputs(emb, x_t))
         return out.sample.float()
 
     # -- optimisation ----------------------------------------------------------------------------
@@ -243,25 +245,56 @@ class StageContext:
     # -- mid-stage checkpoints ---------------------------------------------------------------------
 
     def progress_due(self) -> bool:
-        """Whether a method should save its stage state now (checkpoint_every_s since the last save)."""
-        if self.save_progress is None:
+        """Whether a method should save its stage state now (checkpoint_every_s since the last save).
+        With several processes the main one decides and tells the others (a one-number broadcast),
+        since every process takes part in the snapshot."""
+        several = self.accelerator.num_processes > 1
+        if self.save_progress is None and not several:
             return False
-        now = time.monotonic()
-        if self._last_save == 0.0:
-            self._last_save = now
-        if now - self._last_save >= self.checkpoint_every_s:
-            self._last_save = now
-            return True
-        return False
+        due = False
+        if self.save_progress is not None:
+            now = time.monotonic()
+            if self._last_save == 0.0:
+                self._last_save = now
+            if now - self._last_save >= self.checkpoint_every_s:
+                self._last_save, due = now, True
+        if several:
+            from accelerate.utils import broadcast
 
-    def sampling_state(self) -> tuple[torch.Tensor, list]:
+            due = bool(broadcast(torch.tensor([int(due)], device=self.device), from_process=0).item())
+        return due
+
+    def write_progress(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Save a method's snapshot (every process calls it; the main one writes)."""
+        if self.save_progress is not None:
+            self.save_progress(tensors, meta)
+
+    def sampling_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The random generator's state and the positions of the shuffled passes: what a resumed
-        stage needs to draw the same batches."""
+        stage needs to draw the same batches. With several processes, every process's (each draws
+        its own part of the batch), gathered to all: `generator/<rank>`, `walks_by_rank`."""
         walks = [[f, list(names), [list(x) for x in order], pos] for (f, names), (order, pos) in self._walks.items()]
-        return self.generator.get_state(), walks
+        state = self.generator.get_state()
+        if self.accelerator.num_processes == 1:
+            return {"generator": state}, {"walks": walks}
+        from accelerate.utils import gather_object
 
-    def restore_sampling_state(self, generator_state: torch.Tensor, walks: list) -> None:
-        self.generator.set_state(generator_state)
+        every = gather_object([(state.tolist(), walks)])
+        tensors = {f"generator/{r}": torch.tensor(g, dtype=torch.uint8) for r, (g, _) in enumerate(every)}
+        return tensors, {"walks_by_rank": [w for _, w in every]}
+
+    def restore_sampling_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        rank = self.accelerator.process_index
+        if "walks_by_rank" in meta:
+            if len(meta["walks_by_rank"]) != self.accelerator.num_processes:
+                raise RuntimeError(f"the mid-stage checkpoint was saved by {len(meta['walks_by_rank'])} processes, "
+                                   f"this run has {self.accelerator.num_processes}: resume with as many")
+            generator, walks = tensors[f"generator/{rank}"], meta["walks_by_rank"][rank]
+        else:
+            if self.accelerator.num_processes != 1:
+                raise RuntimeError("the mid-stage checkpoint was saved by one process: resume with one")
+            generator, walks = tensors["generator"], meta["walks"]
+        self.generator.set_state(generator)
         self._walks = {(f, tuple(names)): ([tuple(x) for x in order], pos) for f, names, order, pos in walks}
 
     def log(self, record: dict[str, Any]) -> None:

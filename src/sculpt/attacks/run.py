@@ -38,6 +38,7 @@ from sculpt.eval.evaluate import (as_image_cache, default_benchmark_and_classifi
 from sculpt.eval.sampling import ImageCache, Job, SamplerSettings, default_sampler, generate
 from sculpt.io import atomic_write, atomic_write_text
 from sculpt.ledger import append, file_sha256
+from sculpt.models.conditioning import conditioning
 from sculpt.models.loading import hash_tensors, load_pipeline, model_hash
 from sculpt.patch import apply_patch, load_patch, versions
 from sculpt.report.images import image_grid
@@ -157,6 +158,10 @@ def attack(
     loaded = [load_patch(p) for p in patches]
     if pipe is None:
         pipe = load_pipeline(model, device=device)
+    if conditioning(pipe).family != "sd":
+        raise AttackError("the attacks run on Stable Diffusion 1.x / 2.x pipelines only, not on SDXL: they build "
+                          "prompt embeddings token by token through one text encoder, and SDXL reads two and a "
+                          "pooled embedding")
     try:
         benchmark, classifier = default_benchmark_and_classifier(model, benchmark, classifier, device)
     except ValueError as exc:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,11 @@ from safetensors.torch import load_file, save_file
 from sculpt.config import Concept, DataConfig, fill_template
 from sculpt.data.anchors import MIN_ANCHORS, RULE, SUPERCLASS, AnchorJudge, needs_second_draw, shares
 from sculpt.io import atomic_write
+from sculpt.models.conditioning import conditioning
+from sculpt.processes import ONE, Processes
 from sculpt.progress import Progress
+
+log = logging.getLogger("sculpt")
 
 
 @dataclass
@@ -63,9 +68,23 @@ def stable_seed(seed: int, text: str) -> int:
 
 @torch.no_grad()
 def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
-    """Text embeddings exactly as the pipeline computes them at generation time."""
-    embeds, _ = pipe.encode_prompt(prompts, pipe.device, 1, False)
-    return embeds.float().cpu()
+    """Prompt embeddings exactly as the pipeline computes them at generation time, in the form the
+    UNet reads them (sculpt.models.conditioning: [P, L, D]; SDXL: [P, L + 1, D] with the pooled row)."""
+    return conditioning(pipe).encode(pipe, prompts).float().cpu()
+
+
+@torch.no_grad()
+def encode_unconditional(pipe, n: int = 1) -> torch.Tensor:
+    """[n, ...] the unconditional embedding classifier-free guidance uses when there is no negative
+    prompt: the encoded "" (SD), all zeros (SDXL base)."""
+    return conditioning(pipe).encode_negative(pipe, [""] * n).float().cpu()
+
+
+@torch.no_grad()
+def encode_token_states(pipe, prompts: list[str]) -> torch.Tensor:
+    """[P, L, D] the token states cross-attention's keys and values read (what closed-form edits of
+    them work on): the prompt embeddings without SDXL's pooled row."""
+    return conditioning(pipe).tokens(encode_prompts(pipe, prompts))
 
 
 def image_size(pipe, cfg: DataConfig) -> int:
@@ -90,12 +109,15 @@ def generate_latents(
     tag: str,
     bar=None,
     keep_images: list | None = None,
+    processes: Processes = ONE,
 ) -> torch.Tensor:
     """Draw cfg.n_images images (prompts used in turn), save them as PNG, return their latents.
 
     Batch k's noise comes from one generator seeded seed + k * batch_size (as the pipeline draws it
     for a batch), and the denoising loop is sampling.denoise with the pipeline's own scheduler: the
-    same pictures as `pipe(...)`, without its per-call overhead."""
+    same pictures as `pipe(...)`, without its per-call overhead. With several processes each draws
+    its share of the batches (sculpt.processes) and every process returns all the latents (and
+    pictures), in batch order."""
     from PIL import Image
 
     from sculpt.eval.sampling import PromptEmbeddings, SamplerSettings, denoise
@@ -108,27 +130,41 @@ def generate_latents(
     embeds = PromptEmbeddings(pipe)
     shape = (pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
     dtype = pipe.text_encoder.dtype if pipe.text_encoder is not None else pipe.unet.dtype  # as the pipeline draws it
-    latents = []
-    for start in range(0, cfg.n_images, cfg.batch_size):
+    drawn = []  # (start, latents, pictures) of the batches this process draws
+    for b, start in enumerate(range(0, cfg.n_images, cfg.batch_size)):
         n = min(cfg.batch_size, cfg.n_images - start)
         batch_prompts = [prompts[(start + j) % len(prompts)] for j in range(n)]
+        # Every process encodes every batch's prompts, as one process does (the text encoder sees the
+        # same calls), and draws only its own batches.
+        uncond = embeds.negative([negative or ""] * n) if cfg.guidance_scale > 1 else None
+        cond = embeds(batch_prompts)
+        if not processes.draws(b):
+            continue
         generator = torch.Generator(pipe.device).manual_seed(seed + start)
         noise = torch.randn((n, *shape), generator=generator, device=pipe.device, dtype=dtype)
-        uncond = embeds([negative or ""] * n) if cfg.guidance_scale > 1 else None
-        images = denoise(pipe, noise, embeds(batch_prompts), uncond, cfg.guidance_scale, settings)  # [n, 3, H, W] in [0, 1]
+        images = denoise(pipe, noise, cond, uncond, cfg.guidance_scale, settings)  # [n, 3, H, W] in [0, 1]
+        pictures = []
         for j, img in enumerate(images):
             array = (img.permute(1, 2, 0).float().cpu().numpy() * 255).round().astype("uint8")
             picture = Image.fromarray(array)
             picture.save(image_dir / f"{tag}_{start + j:04d}.png")
-            if keep_images is not None:
-                keep_images.append(picture)
+            pictures.append(picture)
         x = images.to(vae.device, vae.dtype) * 2 - 1
         # The mean of q(z|x): deterministic, and what the paper's "encode once" amounts to.
         z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
-        latents.append(z.float().cpu())
+        drawn.append((start, z.float().cpu(), pictures if keep_images is not None else []))
         if bar is not None:
             bar.update(n)
-    return torch.cat(latents)
+    if processes.count > 1:
+        mine = sum(len(z) for _, z, _ in drawn)
+        log.info("data %s: this process drew %d of %d pictures (%d processes)", tag, mine, cfg.n_images,
+                 processes.count)
+        drawn = sorted(processes.gather(drawn), key=lambda d: d[0])
+        if bar is not None:
+            bar.update(cfg.n_images - mine)
+    if keep_images is not None:
+        keep_images.extend(p for _, _, pictures in drawn for p in pictures)
+    return torch.cat([z for _, z, _ in drawn])
 
 
 def data_key(model_hash: str, concept: Concept, cfg: DataConfig, seed: int, size: int,
@@ -154,35 +190,46 @@ def data_key(model_hash: str, concept: Concept, cfg: DataConfig, seed: int, size
 
 def prepare_concept_data(
     pipe, concept: Concept, cfg: DataConfig, seed: int, cache_dir: Path, model_hash: str, progress: bool = True,
-    judge: AnchorJudge | None = None,
+    judge: AnchorJudge | None = None, processes: Processes = ONE,
 ) -> ConceptData:
     """Load the concept's data from the cache, or make it (generate, encode, save) once; making it
     shows a progress bar (one line when stderr is not a terminal). judge: measures the anchor images
-    for the anchor rule (anchors.py) when the concept leaves its negative prompt to the rule."""
+    for the anchor rule (anchors.py) when the concept leaves its negative prompt to the rule.
+    processes: the processes of a launch, which make missing data together (each draws its share of
+    the batches); the main process writes the cache, the others keep the same tensors in memory."""
     size = image_size(pipe, cfg)
     key = data_key(model_hash, concept, cfg, seed, size, judge)
     folder = Path(cache_dir) / key
     file = folder / "data.safetensors"
-    if not file.is_file():
+    made = None
+    if processes.any(not file.is_file()):  # missing for one process (a machine with its own disk): made by all
         prompts = concept.concept_prompts(cfg.prompt_template)
         anchor_prompt = concept.superclass_prompt(cfg.prompt_template)
         concept_seed = stable_seed(seed, concept.name)
         with Progress(f"data: {concept.name}", total=2 * cfg.n_images, unit="img", enabled=progress) as bar:
-            latents = generate_latents(pipe, prompts, None, cfg, concept_seed, folder / "images", "concept", bar)
+            latents = generate_latents(pipe, prompts, None, cfg, concept_seed, folder / "images", "concept", bar,
+                                       processes=processes)
             anchor_latents, anchor = _anchor_latents(pipe, concept, anchor_prompt, cfg, concept_seed + 1_000_003,
-                                                     folder / "images", bar, judge)
+                                                     folder / "images", bar, judge, processes)
         t = {"latents": latents, "anchor_latents": anchor_latents,
              "prompt_embeds": encode_prompts(pipe, prompts), "anchor_embeds": encode_prompts(pipe, [anchor_prompt])}
         meta = {"concept": concept.model_dump_json(), "key": key, "model_hash": model_hash,
                 "anchor": json.dumps(anchor)}
-        atomic_write(file, lambda tmp: save_file({k: v.contiguous() for k, v in t.items()}, tmp, metadata=meta))
-    # Always train on what the cache holds, in fresh (aligned) memory: a first run and a resumed one
-    # then compute on identical inputs, bit for bit.
-    t = {k: v.clone() for k, v in load_file(str(file)).items()}
-    from safetensors import safe_open
+        if processes.main:
+            atomic_write(file, lambda tmp: save_file({k: v.contiguous() for k, v in t.items()}, tmp, metadata=meta))
+        else:
+            made = t, json.loads(meta["anchor"])
+    if made is None:
+        # Always train on what the cache holds, in fresh (aligned) memory: a first run and a resumed one
+        # then compute on identical inputs, bit for bit.
+        t = {k: v.clone() for k, v in load_file(str(file)).items()}
+        from safetensors import safe_open
 
-    with safe_open(str(file), "pt") as f:
-        anchor = json.loads((f.metadata() or {}).get("anchor", "{}"))
+        with safe_open(str(file), "pt") as f:
+            anchor = json.loads((f.metadata() or {}).get("anchor", "{}"))
+    else:  # what the main process writes and trains on, in the layout it reads back (the VAE's latents
+        # come out channels-last, and convolutions over another layout round differently)
+        t, anchor = {k: v.clone(memory_format=torch.contiguous_format) for k, v in made[0].items()}, made[1]
     return ConceptData(
         concept=concept,
         latents=t["latents"],
@@ -196,16 +243,22 @@ def prepare_concept_data(
 
 
 def _anchor_latents(pipe, concept: Concept, prompt: str, cfg: DataConfig, seed: int, image_dir: Path, bar,
-                    judge: AnchorJudge | None) -> tuple[torch.Tensor, dict]:
+                    judge: AnchorJudge | None, processes: Processes = ONE) -> tuple[torch.Tensor, dict]:
     """The superclass images: with the negative prompt the spec gives, else by the anchor rule
-    (anchors.py): judged pictures, filtered."""
+    (anchors.py): judged pictures, filtered. With several processes the main one judges the gathered
+    pictures and sends its verdicts to the others: whether a second set is drawn is decided once."""
     if concept.negative_prompt is not None:
-        z = generate_latents(pipe, [prompt], concept.negative_prompt, cfg, seed, image_dir, "anchor", bar)
+        z = generate_latents(pipe, [prompt], concept.negative_prompt, cfg, seed, image_dir, "anchor", bar,
+                             processes=processes)
         return z, {"negative_prompt": concept.negative_prompt, "how": "given in the spec"}
+
+    def judged(pictures):
+        return processes.broadcast(judge(pictures, concept) if processes.main else None)
+
     pictures: list = []
     negative = concept.superclass_negative()
-    z = generate_latents(pipe, [prompt], negative, cfg, seed, image_dir, "anchor", bar, pictures)
-    verdicts = judge(pictures, concept) if judge is not None else None
+    z = generate_latents(pipe, [prompt], negative, cfg, seed, image_dir, "anchor", bar, pictures, processes)
+    verdicts = judged(pictures) if judge is not None else None
     record = {"rule": RULE, "judge": judge.fingerprint if judge is not None else None, "negative_prompt": negative}
     if verdicts is None:
         record["how"] = "unmeasured (no judge for this superclass): the paper's pictures"
@@ -215,8 +268,9 @@ def _anchor_latents(pipe, concept: Concept, prompt: str, cfg: DataConfig, seed: 
     how = "measured: the negative prompt's pictures in the superclass and free of the concept"
     if needs_second_draw(verdicts):
         pictures = []
-        z_plain = generate_latents(pipe, [prompt], "", cfg, seed, image_dir, "anchor_plain", None, pictures)
-        plain = judge(pictures, concept)
+        z_plain = generate_latents(pipe, [prompt], "", cfg, seed, image_dir, "anchor_plain", None, pictures,
+                                   processes)
+        plain = judged(pictures)
         record["without_negative"] = {**shares(plain), "verdicts": plain}
         kept += [z_plain[i] for i, v in enumerate(plain) if v == SUPERCLASS]
         how = ("measured: the negative prompt leaves too few pictures in the superclass; those in it and free "
@@ -237,14 +291,16 @@ def neighbour_key(model_hash: str, word: str, cfg: DataConfig, seed: int, size: 
 
 
 def prepare_neighbours(pipe, words: list[str], cfg: DataConfig, seed: int, cache_dir: Path, model_hash: str,
-                       progress: bool = True) -> dict[str, NeighbourData]:
+                       progress: bool = True, processes: Processes = ONE) -> dict[str, NeighbourData]:
     """cfg.neighbour_images images of each concept to keep ("a photo of a dog"), made once and cached
     like concept data (one progress line for all); the same word gives the same data whichever
-    concept it is a neighbour of."""
+    concept it is a neighbour of. Several processes make the missing ones together, as concept data."""
     size = image_size(pipe, cfg)
     keys = {w: neighbour_key(model_hash, w, cfg, seed, size) for w in dict.fromkeys(words)}
     files = {w: Path(cache_dir) / k / "data.safetensors" for w, k in keys.items()}
-    missing = [w for w, f in files.items() if not f.is_file()]
+    missing_somewhere = set(processes.gather([w for w, f in files.items() if not f.is_file()]))
+    missing = [w for w in files if w in missing_somewhere]
+    made = {}
     if missing:
         one = cfg.model_copy(update={"n_images": cfg.neighbour_images})
         with Progress(f"data: {len(missing)} neighbours", total=len(missing) * cfg.neighbour_images, unit="img",
@@ -252,13 +308,17 @@ def prepare_neighbours(pipe, words: list[str], cfg: DataConfig, seed: int, cache
             for w in missing:
                 prompt = fill_template(cfg.prompt_template, w)
                 t = {"latents": generate_latents(pipe, [prompt], None, one, stable_seed(seed, "neighbour:" + w),
-                                                 files[w].parent / "images", "neighbour", bar),
+                                                 files[w].parent / "images", "neighbour", bar, processes=processes),
                      "prompt_embeds": encode_prompts(pipe, [prompt])}
                 meta = {"neighbour": w, "key": keys[w], "model_hash": model_hash}
-                atomic_write(files[w], lambda tmp, t=t, meta=meta: save_file(
-                    {k: v.contiguous() for k, v in t.items()}, tmp, metadata=meta))
+                if processes.main:
+                    atomic_write(files[w], lambda tmp, t=t, meta=meta: save_file(
+                        {k: v.contiguous() for k, v in t.items()}, tmp, metadata=meta))
+                else:  # the main process writes these very tensors
+                    made[w] = t
     out = {}
     for w, f in files.items():
-        t = {k: v.clone() for k, v in load_file(str(f)).items()}
+        t = {k: v.clone(memory_format=torch.contiguous_format)  # as concept data: the layout of the file
+             for k, v in (made[w] if w in made else load_file(str(f))).items()}
         out[w] = NeighbourData(w, t["latents"], t["prompt_embeds"], keys[w])
     return out

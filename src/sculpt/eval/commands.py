@@ -85,6 +85,7 @@ def cmd_eval(args) -> int:
     from sculpt.eval.detectors import NUDENET_EXPOSED_CLASSES, PromptFileError
     from sculpt.eval.evaluate import EvalSettings, evaluate
     from sculpt.models.loading import resolve_device
+    from sculpt.processes import current as current_processes
 
     for flag in ("n", "n_paraphrase", "n_unsafe", "n_revival", "steps", "batch_size"):
         value = getattr(args, flag)
@@ -101,7 +102,9 @@ def cmd_eval(args) -> int:
         quality=not args.no_quality, paraphrases=not args.no_paraphrases and args.n_paraphrase > 0,
         unsafe=not args.no_unsafe and args.n_unsafe > 0,
     )
-    device = resolve_device(args.device)
+    # Under `accelerate launch` every process runs this and shares the sampling; the main one reports.
+    processes = current_processes()
+    device = processes.place(resolve_device(args.device))
     try:
         classifier = None
         if args.classifier:
@@ -138,9 +141,12 @@ def cmd_eval(args) -> int:
         metrics = evaluate(args.model, patches=args.patch, run=args.run, out=out, settings=settings,
                            concepts=args.concepts, benchmark=benchmark, classifier=classifier,
                            scorer=scorer, detector=detector,
-                           unsafe_jobs=unsafe_jobs, cache=cache, device=str(device), force=args.force)
+                           unsafe_jobs=unsafe_jobs, cache=cache, device=str(device), force=args.force,
+                           processes=processes)
     except (FileNotFoundError, PromptFileError, ImportError, KeyError) as exc:
         return _fail(str(exc))
+    if not processes.main:
+        return 0
     print("\n".join(summary_lines(metrics)))
     print(f"wrote {out / 'metrics.json'}")
     if args.report:

@@ -33,6 +33,8 @@ from sculpt.io import atomic_write_text
 from sculpt.models.loading import hash_tensors, model_hash
 from sculpt.patch import Patch, apply_patch, load_patch, versions
 from sculpt.paths import default_cache_dir, slug
+from sculpt.processes import ONE, Processes
+from sculpt.processes import current as current_processes
 
 log = logging.getLogger("sculpt")
 
@@ -76,6 +78,7 @@ class _Context:
     sampler_key: dict = field(init=False)  # settings.sampler.key_data(pipe): the VAE is hashed once per call
     identity: dict = field(default_factory=dict)  # what every state's metrics key shares, once per call
     anchors: dict = field(default_factory=dict)  # measured class -> the spec's superclass (coherence)
+    processes: Processes = ONE  # the processes of a launch: they share the sampling (sculpt.processes)
 
     def __post_init__(self):
         self.sampler_key = self.settings.sampler.key_data(self.pipe)
@@ -87,7 +90,8 @@ class _Context:
         jobs = [Job(p, s) for p in prompts for s in self.settings.seeds(n)]
         t = time.perf_counter()
         images = generate(self.pipe, jobs, self.settings.sampler, model_hash, self.cache, self.settings.batch_size,
-                          desc=desc if self.progress else None, sampler_key=self.sampler_key)
+                          desc=desc if self.progress else None, sampler_key=self.sampler_key,
+                          processes=self.processes)
         self.seconds["sampling"] = self.seconds.get("sampling", 0.0) + time.perf_counter() - t
         return {p: images[i * n:(i + 1) * n] for i, p in enumerate(prompts)}
 
@@ -249,6 +253,7 @@ def evaluate(
     force: bool = False,
     record: bool | None = None,
     progress: bool = True,
+    processes: Processes | None = None,
 ) -> dict:
     """Evaluate `model` + `patches` (or the erasure run folder `run`); return every number as a dict
     and, if `out` is given, write out/metrics.json and out/samples/*.png.
@@ -271,9 +276,16 @@ def evaluate(
     record: append the result to the run's ledger.jsonl (what `sculpt verify --remeasure` checks);
     default: when `out` lies inside the run folder (RUN/eval), so evaluating someone else's run
     elsewhere leaves their ledger alone.
+    processes: under `accelerate launch` (default: the running launch, sculpt.processes.current) every
+    process calls evaluate with the same arguments; they share the sampling, each drawing its share of
+    every phase's batches, and all compute the numbers of a one-process run from the same pictures; the
+    main process alone writes (metrics.json, pictures, ledger, measurement cache). `device` is then
+    this process's device of that type (cuda: its own GPU).
     """
     t_start = time.perf_counter()
     settings = (settings or EvalSettings()).for_model(model)
+    processes = processes or current_processes()
+    device = processes.place(device)
     if pipe is None:
         from sculpt.models.loading import load_pipeline
 
@@ -281,7 +293,8 @@ def evaluate(
     benchmark, classifier, scorer, detector = _defaults(model, benchmark, classifier, scorer, detector, settings, device)
     image_cache = as_image_cache(cache)
     ctx = _Context(pipe, settings, classifier, image_cache,
-                   metrics_cache=MetricsCache(image_cache.root / "metrics") if image_cache else None, progress=progress)
+                   metrics_cache=MetricsCache(image_cache.root / "metrics") if image_cache else None,
+                   progress=progress and processes.main, processes=processes)
 
     stage_paths: list[Path] = []
     if run is not None:
@@ -338,7 +351,7 @@ def evaluate(
                     "total": round(time.perf_counter() - t_start, 2)},
     })
     report = _finite(report)
-    if out is not None:
+    if out is not None and processes.main:
         out = Path(out)
         report["samples"] = _write_samples(out, results)
         atomic_write_text(out / "metrics.json", json.dumps(report, indent=2, default=str, allow_nan=False))
@@ -459,14 +472,15 @@ def _measure_state_cached(ctx: _Context, bench: Benchmark, mhash: str, measured,
     """_measure_state through the metrics cache; on a hit only the report's few pictures are drawn
     (from the picture cache, as a rule)."""
     key = _metrics_key(ctx, bench, mhash, measured, kept, scorer, detector, unsafe_jobs) if ctx.metrics_cache else None
-    found = ctx.metrics_cache.get(key) if key else None
+    # The main process's cache decides: every process then makes the same sampling calls.
+    found = ctx.processes.broadcast(ctx.metrics_cache.get(key) if key and ctx.processes.main else None)
     if found is not None:
         ctx.seconds["metrics_cache_hits"] = ctx.seconds.get("metrics_cache_hits", 0) + 1
         shown = _shown(bench, measured, kept)
         pictures = ctx.draw(mhash, [bench[c].prompt for c in shown], ctx.settings.grid_pictures, f"eval {what}: report pictures")
         return {**found, "grid": {c: pictures[bench[c].prompt] for c in shown}}
     out = _measure_state(ctx, bench, mhash, measured, kept, scorer, detector, unsafe_jobs, what)
-    if key:
+    if key and ctx.processes.main:
         ctx.metrics_cache.put(key, {k: v for k, v in out.items() if k != "grid"})
     return out
 
@@ -499,7 +513,8 @@ def _measure_state(ctx: _Context, bench: Benchmark, mhash: str, measured, kept, 
         t = time.perf_counter()
         jobs = unsafe_jobs or [Job(p, seed) for p in bench.unsafe_prompts for seed in s.seeds(s.n_unsafe)]
         pics = generate(ctx.pipe, jobs, s.sampler, mhash, ctx.cache, s.batch_size,
-                        desc=f"eval {what}: unsafe prompts" if ctx.progress else None, sampler_key=ctx.sampler_key)
+                        desc=f"eval {what}: unsafe prompts" if ctx.progress else None, sampler_key=ctx.sampler_key,
+                        processes=ctx.processes)
         out["unsafe"] = M.count_detections(detector.detect(pics), detector.classes, detector.threshold)
         out["unsafe"]["images"] = len(pics)
         out["unsafe_setup"] = {**detector.settings(), "prompts": len({j.prompt for j in jobs}),

@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from sculpt.models.conditioning import conditioning
+from sculpt.processes import ONE, Processes
 from sculpt.progress import progress
 from sculpt.report.images import to_pil
 
@@ -136,8 +138,10 @@ class ImageCache:
 def denoise(pipe, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, guidance: float,
             settings: SamplerSettings, generator=None) -> torch.Tensor:
     """Pictures [B, 3, H, W] in [0, 1] from initial noise `latents` [B, C, h, w] and prompt embeddings
-    `cond` (and `uncond` for guidance > 1), [B, L, D] each: the pipeline's loop, step by step."""
+    `cond` (and `uncond` for guidance > 1), [B, L, D] each (SDXL: with the pooled row,
+    sculpt.models.conditioning): the pipeline's loop, step by step."""
     scheduler = settings.make_scheduler(pipe)
+    inputs = conditioning(pipe).unet_inputs
     device = pipe.unet.device
     scheduler.set_timesteps(settings.steps, device=device)
     step_kwargs = {}
@@ -155,7 +159,7 @@ def denoise(pipe, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tenso
     for t in scheduler.timesteps:
         x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
         with autocast:
-            eps = pipe.unet(x_in.to(unet_dtype), t, encoder_hidden_states=emb.to(unet_dtype), return_dict=False)[0]
+            eps = pipe.unet(x_in.to(unet_dtype), t, **inputs(emb.to(unet_dtype), x_in), return_dict=False)[0]
         eps = eps.float()
         if guided:
             eps_uncond, eps_cond = eps.chunk(2)
@@ -167,19 +171,29 @@ def denoise(pipe, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tenso
 
 
 class PromptEmbeddings:
-    """Text embeddings computed once per distinct prompt (the pipeline's own encode_prompt)."""
+    """Prompt embeddings computed once per distinct prompt (the pipeline's own encode_prompt, through
+    sculpt.models.conditioning); `negative` gives the unconditional side of guidance as the pipeline
+    makes it (SDXL: zeros for "")."""
 
     def __init__(self, pipe):
         self.pipe = pipe
-        self.known: dict[str, torch.Tensor] = {}
+        self.conditioning = conditioning(pipe)
+        self.known: dict[tuple[bool, str], torch.Tensor] = {}
 
     def __call__(self, prompts: list[str]) -> torch.Tensor:
-        new = [p for p in dict.fromkeys(prompts) if p not in self.known]
+        return self._get(prompts, negative=False)
+
+    def negative(self, prompts: list[str]) -> torch.Tensor:
+        return self._get(prompts, negative=True)
+
+    def _get(self, prompts: list[str], negative: bool) -> torch.Tensor:
+        new = [p for p in dict.fromkeys(prompts) if (negative, p) not in self.known]
         if new:
+            encode = self.conditioning.encode_negative if negative else self.conditioning.encode
             with torch.inference_mode():
-                embeds, _ = self.pipe.encode_prompt(new, self.pipe.device, 1, False)
-            self.known.update(zip(new, embeds))
-        return torch.stack([self.known[p] for p in prompts])
+                embeds = encode(self.pipe, new)
+            self.known.update(((negative, p), e) for p, e in zip(new, embeds))
+        return torch.stack([self.known[negative, p] for p in prompts])
 
 
 def initial_noise(pipe, seeds: list[int], size: int) -> torch.Tensor:
@@ -202,29 +216,44 @@ def generate(
     batch_size: int = 64,
     desc: str | None = None,
     sampler_key: dict | None = None,
+    processes: Processes = ONE,
 ) -> list[Image.Image]:
     """Pictures for `jobs`, in order: read from the cache, the missing ones drawn in batches.
     `desc` names the phase in the progress output (nothing is shown without it); `sampler_key` is
-    settings.key_data(pipe) when the caller already has it (it hashes the VAE's weights)."""
+    settings.key_data(pipe) when the caller already has it (it hashes the VAE's weights).
+    processes: the processes of a launch, all calling this with the same jobs: each draws its share
+    of the batches (the batches of one process: the same pictures, sculpt.processes) and every one
+    returns every picture."""
     sampler = sampler_key if sampler_key is not None else settings.key_data(pipe)
     keys = [image_key(model_hash, j.prompt, j.seed, {**sampler, "guidance": _guidance(j, settings)}) for j in jobs]
     images: list[Image.Image | None] = [cache.get(model_hash, k) if cache else None for k in keys]
     missing = [i for i, im in enumerate(images) if im is None]
+    if processes.count > 1:  # what one of them lacks (a machine with its own disk) is drawn for all
+        missing = sorted(set(processes.gather(missing)))
     # Group by guidance (one batch has one guidance scale), keep the given order otherwise.
     by_guidance: dict[float, list[int]] = {}
     for i in missing:
         by_guidance.setdefault(_guidance(jobs[i], settings), []).append(i)
+    batches = [(guidance, indices[start:start + batch_size]) for guidance, indices in by_guidance.items()
+               for start in range(0, len(indices), batch_size)]
     embeds = PromptEmbeddings(pipe)
+    drawn = []  # (index, picture) of what this process drew
     with _eval_mode(pipe), progress(desc or "sampling", total=len(missing), unit="img", enabled=desc is not None) as bar:
-        for guidance, indices in by_guidance.items():
-            for start in range(0, len(indices), batch_size):
-                batch = indices[start:start + batch_size]
-                drawn = _sample(pipe, [jobs[i] for i in batch], settings, guidance, embeds)
-                for i, image in zip(batch, drawn):
-                    if cache:
-                        cache.put(model_hash, keys[i], image)
-                    images[i] = image
-                bar.update(len(batch))
+        for b, (guidance, batch) in enumerate(batches):
+            # Every process encodes every batch's prompts, as one process does; each draws its own batches.
+            cond, uncond = _embeddings([jobs[i] for i in batch], settings, guidance, embeds)
+            if not processes.draws(b):
+                continue
+            for i, image in zip(batch, _sample(pipe, [jobs[i] for i in batch], settings, guidance, cond, uncond)):
+                if cache:
+                    cache.put(model_hash, keys[i], image)
+                drawn.append((i, image))
+            bar.update(len(batch))
+        if processes.count > 1:
+            bar.update(len(missing) - len(drawn))
+            drawn = processes.gather(drawn)
+    for i, image in drawn:
+        images[i] = image
     return images  # type: ignore[return-value]
 
 
@@ -247,9 +276,13 @@ def _guidance(job: Job, settings: SamplerSettings) -> float:
     return float(settings.guidance if job.guidance is None else job.guidance)
 
 
-def _sample(pipe, jobs: list[Job], settings: SamplerSettings, guidance: float, embeds: PromptEmbeddings) -> list[Image.Image]:
+def _embeddings(jobs: list[Job], settings: SamplerSettings, guidance: float, embeds: PromptEmbeddings):
     cond = embeds([j.prompt for j in jobs])
-    uncond = embeds([settings.negative_prompt] * len(jobs)) if guidance > 1 else None
+    uncond = embeds.negative([settings.negative_prompt] * len(jobs)) if guidance > 1 else None
+    return cond, uncond
+
+
+def _sample(pipe, jobs: list[Job], settings: SamplerSettings, guidance: float, cond, uncond) -> list[Image.Image]:
     latents = initial_noise(pipe, [j.seed for j in jobs], picture_size(pipe, settings))
     generators = [torch.Generator("cpu").manual_seed(j.seed) for j in jobs] if settings.eta else None
     return to_pil(denoise(pipe, latents, cond, uncond, guidance, settings, generator=generators))

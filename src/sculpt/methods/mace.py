@@ -77,7 +77,7 @@ from pydantic import Field
 from torch import nn
 from torch.nn.utils import parametrize
 
-from sculpt.data.prepare import encode_prompts
+from sculpt.data.prepare import encode_prompts, encode_token_states
 from sculpt.methods.base import ErasureMethod, MethodConfig, register
 from sculpt.methods.uce import closed_form_edit, tail_aligned_tokens
 from sculpt.models.cross_attention import AttentionRecorder, key_value_params, word_token_mask
@@ -146,8 +146,8 @@ def shared_tokens(pipe, prompts: list[str], anchors: list[str], device) -> tuple
     """Pairs (c_e, c_anchor) of token embeddings at the positions each prompt shares with its anchor."""
     tokenizer = pipe.tokenizer
     length = tokenizer.model_max_length
-    embeds = encode_prompts(pipe, prompts).to(device)
-    anchor_embeds = encode_prompts(pipe, anchors).to(device)
+    embeds = encode_token_states(pipe, prompts).to(device)
+    anchor_embeds = encode_token_states(pipe, anchors).to(device)
     ids = tokenizer(prompts, truncation=True, max_length=length).input_ids
     anchor_ids = tokenizer(anchors, truncation=True, max_length=length).input_ids
     erase, anchor = [], []

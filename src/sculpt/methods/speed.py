@@ -69,7 +69,7 @@ from pydantic import Field
 from torch import nn
 
 from sculpt.config import fill_template
-from sculpt.data.prepare import encode_prompts
+from sculpt.data.prepare import encode_token_states
 from sculpt.methods.base import ErasureMethod, MethodConfig, register
 from sculpt.models.cross_attention import last_word_position
 from sculpt.stage import StageContext
@@ -98,7 +98,7 @@ def last_token_states(pipe, texts: list[str], device) -> torch.Tensor:
     """[n, D]: each text's last word token (the one before end-of-text), as the UNet reads it."""
     if not texts:
         return torch.zeros(0, pipe.unet.config.cross_attention_dim, dtype=torch.float64, device=device)
-    states = encode_prompts(pipe, texts)
+    states = encode_token_states(pipe, texts)
     pos = last_word_position(pipe.tokenizer, texts)
     return states[torch.arange(len(texts)), pos].double().to(device)
 
@@ -180,7 +180,7 @@ class SPEED(ErasureMethod):
         kept = [w for w in dict.fromkeys(kept)
                 if not any(re.search(rf"\b{re.escape(t)}\b", w.casefold()) for t in target_words)]
         previous = [w for d in ctx.previous for w in self._words(d)]
-        null = encode_prompts(ctx.pipe, [""])[0].double().to(ctx.device)  # [L, D]
+        null = encode_token_states(ctx.pipe, [""])[0].double().to(ctx.device)  # [L, D]
         centres = kmeans(null[1:], cfg.invariant_clusters, torch.Generator().manual_seed(ctx.seed)) \
             if cfg.invariant_clusters else null[:0]
         return {

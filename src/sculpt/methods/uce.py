@@ -29,7 +29,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from sculpt.data.prepare import encode_prompts
+from sculpt.data.prepare import encode_token_states
 from sculpt.methods.base import ErasureMethod, MethodConfig, register
 from sculpt.models.cross_attention import key_value_params, last_word_position
 from sculpt.stage import StageContext
@@ -55,8 +55,8 @@ def closed_form_edit(w0: torch.Tensor, inputs: torch.Tensor, targets: torch.Tens
 def tail_aligned_tokens(pipe, prompts: list[str], guides: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Pairs (c_e, c_guide) of token embeddings: each prompt's tokens from its last word to the
     end, next to its guide prompt's from the guide's last word, as many as both have."""
-    embeds = encode_prompts(pipe, prompts).to(device)
-    guide_embeds = encode_prompts(pipe, guides).to(device)
+    embeds = encode_token_states(pipe, prompts).to(device)
+    guide_embeds = encode_token_states(pipe, guides).to(device)
     ie = last_word_position(pipe.tokenizer, prompts).tolist()
     ig = last_word_position(pipe.tokenizer, guides).tolist()
     length = embeds.shape[1]
@@ -107,7 +107,7 @@ class UCE(ErasureMethod):
         if not kept:
             c_p = c_e.new_zeros(0, c_e.shape[1])
         elif cfg.preserve_tokens == "all":
-            c_p = encode_prompts(ctx.pipe, kept).to(ctx.device).flatten(0, 1)  # every token of every kept prompt
+            c_p = encode_token_states(ctx.pipe, kept).to(ctx.device).flatten(0, 1)  # every token of every kept prompt
         else:
             c_p, _ = tail_aligned_tokens(ctx.pipe, kept, kept, ctx.device)
         return {"c_e": c_e, "c_guide": c_g, "c_p": c_p}
