@@ -19,11 +19,13 @@ DEMO_TARGETS = ("tropical fish", "poodle", "church")
 # The published configuration is for SD 1.4 (860M-parameter UNet, lr 3e-6, 10 x 50 steps). The
 # emoji UNet is ~200x smaller and its training data 100x smaller in pixels: the same schedule shape
 # (warm-up, 10 epochs, mask p = 0.5, K, tau, lambda_a) with a larger learning rate and shorter epochs.
-# lambda_kd is 2.0 instead of the published 0.25: at 100x the learning rate each stage moves the
-# shared cross-attention far more, and the distillation term has to hold the rest of the model
-# against it. Ten targets in sequence (benchmarks/emoji_sweep.py, 16 images per prompt; the other
-# classes' base accuracy there is 0.95): lambda_kd 0.25 -> erased 0.00, other classes 0.70;
-# 1.0 -> 0.01, 0.88; 2.0 -> 0.03, 0.89. Table and the `sculpt demo --all` figures: docs/results.md.
+# The loss weights were chosen on the development list (trumpet, rabbit, bus, strawberry, house;
+# benchmarks/protocol.yaml), never on the ten targets, by the protocol's rule stated before the runs:
+# the highest kept accuracy among settings that leave the development concepts at Total Acc <= 0.10.
+# `python benchmarks/emoji_lists.py dev NAME '{"lambda_kd": X, "lambda_nb": Y}'`, 16 pictures per
+# prompt, 2026-11-29 (docs/results.md): lambda_kd in {0.25, 1, 2} x lambda_nb in {0, 1, 4}; chosen
+# lambda_kd 0.25 (the published value) with lambda_nb 4: Total Acc 0.075, kept 0.956 (drop 2.1
+# points), neighbours drop 4.2; without the neighbour term 0.075, 0.918 (drop 5.9), 12.0.
 EMOJI_METHOD = {
     "name": "sculpting",
     "lr": 3e-4,
@@ -32,7 +34,9 @@ EMOJI_METHOD = {
     "warmup_steps": 20,
     "mask_update_every": 40,
     "batch_size": 8,
-    "lambda_kd": 2.0,
+    "lambda_kd": 0.25,
+    "lambda_nb": 4.0,
+    "neighbours": 4,
 }
 EMOJI_DATA = {"n_images": 32, "num_inference_steps": 20, "guidance_scale": 4.0, "batch_size": 32,
               "prompt_template": "a photo of a {}"}

@@ -57,9 +57,9 @@ from sculpt.models.loading import cross_attention_params
 from sculpt.stage import StageContext, mse
 
 
-# Neighbour-aware preservation, chosen on the development concept list (docs/results.md), never on
-# the ten test targets.
-NB_WEIGHT = 1.0
+# Neighbour-aware preservation: weight and count chosen on the emoji world's development concept list
+# (docs/results.md: lambda_nb in {0, 1, 4} with k = 4), never on its ten test targets; untested on SD.
+NB_WEIGHT = 4.0
 NB_COUNT = 4
 
 
@@ -247,7 +247,7 @@ class Sculpting(ErasureMethod):
             if end_of_epoch:
                 epoch_lf = 0.0
             if ctx.progress_due():
-                ctx.save_progress(*self._snapshot(ctx, params, optimizer, lr_sched, mask, best, {
+                ctx.write_progress(*self._snapshot(ctx, params, optimizer, lr_sched, mask, best, {
                     "tick": i + 1, "step": step, "epoch_lf": epoch_lf, "turnover": turnover, "density": density}))
 
         with torch.no_grad():
@@ -275,10 +275,10 @@ class Sculpting(ErasureMethod):
             tensors.update({f"mask/{kind}/{n}": t.detach().cpu().contiguous() for n, t in table.items()})
         if best["weights"] is not None:
             tensors.update({f"best/{n}": t.detach().cpu().contiguous() for n, t in best["weights"].items()})
-        generator, walks = ctx.sampling_state()
-        tensors["generator"] = generator
-        meta = {**loop, "optimizer": opt_meta,
-                "scheduler": lr_sched.state_dict(), "walks": walks, "mask_initialised": mask.initialised,
+        sampling_tensors, sampling_meta = ctx.sampling_state()
+        tensors.update(sampling_tensors)
+        meta = {**loop, **sampling_meta, "optimizer": opt_meta,
+                "scheduler": lr_sched.state_dict(), "mask_initialised": mask.initialised,
                 "best_L_f": best["L_f"], "best_epoch": best["epoch"]}
         return tensors, meta
 
@@ -293,7 +293,7 @@ class Sculpting(ErasureMethod):
             for n in table:
                 table[n] = tensors[f"mask/{kind}/{n}"].to(table[n].device)
         mask.initialised = meta["mask_initialised"]
-        ctx.restore_sampling_state(tensors["generator"], meta["walks"])
+        ctx.restore_sampling_state(tensors, meta)
         best = {"L_f": meta["best_L_f"], "epoch": meta["best_epoch"],
                 "weights": ({n: tensors[f"best/{n}"].to(p.device) for n, p in params.items()}
                             if meta["best_epoch"] >= 0 else None)}
