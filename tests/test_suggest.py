@@ -114,3 +114,25 @@ def test_a_real_model_gets_its_superclass_from_wordnet_hypernyms_ranked_by_its_t
     assert suggest("tench", pipe, ["dog"], taxonomy=None, wordnet=None).superclass is None
     with pytest.raises(FileNotFoundError, match="wordnet-base"):
         WordNet(tmp_path / "nowhere")
+
+
+def test_run_neighbours_keeps_the_nearest_and_optionally_the_siblings_never_what_is_erased(emoji):
+    """The neighbours a run keeps: the k nearest in the model's text space, never a concept of the run
+    nor the superclass; with siblings on (emoji taxonomy), the concept's siblings come first."""
+    from sculpt.config import Concept
+    from sculpt.data.neighbours import default_siblings, default_vocabulary, run_neighbours
+
+    pipe, tax = emoji
+    saw, lorry = (Concept(name=n, superclass=tax[n].superclass) for n in ("carpentry saw", "articulated lorry"))
+    vocab = default_vocabulary("emoji")
+    plain = run_neighbours(pipe, [saw, lorry], [saw, lorry], 4, vocab, "a photo of a {}")
+    assert [len(v) for v in plain.values()] == [4, 4]
+    with_sib = run_neighbours(pipe, [saw, lorry], [saw, lorry], 4, vocab, "a photo of a {}", default_siblings("emoji"))
+    words = {n: [w for w, _ in v] for n, v in with_sib.items()}
+    assert words["carpentry saw"][:4] == ["hammer", "wrench", "screwdriver", "pick"]
+    assert words["carpentry saw"][4:] == [w for w, _ in plain["carpentry saw"] if w not in words["carpentry saw"][:4]]
+    for n, ws in words.items():
+        assert not {"carpentry saw", "articulated lorry", tax[n].superclass} & set(ws) and len(ws) == len(set(ws))
+    with pytest.raises(ValueError, match="both kept and erased"):
+        run_neighbours(pipe, [Concept(name="bus", superclass="vehicle", neighbours=["articulated lorry"])], [lorry],
+                       4, vocab, "a photo of a {}")

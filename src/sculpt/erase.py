@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from sculpt import ledger
 from sculpt.config import Concept, DataConfig, RunConfig
 from sculpt.data.anchors import default_judge
-from sculpt.data.neighbours import default_vocabulary, run_neighbours
+from sculpt.data.neighbours import default_siblings, default_vocabulary, run_neighbours
 from sculpt.data.prepare import (ConceptData, check_image_size, encode_unconditional, image_size, prepare_concept_data,
                                  prepare_neighbours)
 from sculpt.io import atomic_write, atomic_write_text
@@ -305,7 +305,7 @@ def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, mid_stage, pr
     every = [*stack.concepts, *cfg.concepts]
     judge = default_judge(cfg.model) if any(c.negative_prompt is None for c in every) else None
     method = get_method(cfg.method_name)(cfg.method_config())
-    k = method.neighbours_wanted()
+    k, siblings = method.neighbours_wanted(), method.keeps_siblings()
     processes = current_processes()
     for c, data_cfg, seed in [*jobs, *((c, cfg.data, cfg.seed) for c in cfg.concepts)]:
         data[c.name] = prepare_concept_data(pipe, c, data_cfg, seed, cache, origin_hash,
@@ -313,7 +313,8 @@ def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, mid_stage, pr
                                             processes=processes)
     # Neighbour-aware methods: the concepts to keep near each erased one, with their images.
     neighbours = run_neighbours(pipe, every, every, k, default_vocabulary(cfg.model, cfg.data.vocabulary),
-                                cfg.data.prompt_template) if k else {}
+                                cfg.data.prompt_template,
+                                default_siblings(cfg.model) if siblings else None) if k or siblings else {}
     neighbour_data = prepare_neighbours(pipe, [w for ws in neighbours.values() for w, _ in ws], cfg.data,
                                         cfg.seed, cache, origin_hash, progress and accelerator.is_main_process,
                                         processes)

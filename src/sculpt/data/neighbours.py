@@ -66,11 +66,24 @@ def nearest(pipe, concept: Concept, vocabulary: list[str], k: int, exclude: set[
     return similarities(pipe, concept.name, words, template)[:k]
 
 
+def default_siblings(model: str) -> dict[str, list[str]]:
+    """superclass -> its classes, where the model's world has a taxonomy (the emoji world); {} otherwise."""
+    if model != "emoji":
+        return {}
+    from sculpt.emoji.taxonomy import load_taxonomy
+
+    out: dict[str, list[str]] = {}
+    for c in load_taxonomy().classes:
+        out.setdefault(c.superclass.casefold(), []).append(c.name)
+    return out
+
+
 def run_neighbours(pipe, concepts: list[Concept], erased: list[Concept], k: int, vocabulary: list[str],
-                   template: str) -> dict[str, list[tuple[str, float | None]]]:
+                   template: str, siblings: dict[str, list[str]] | None = None) -> dict[str, list[tuple[str, float | None]]]:
     """Each concept's neighbours to keep: its spec's list (similarity not computed), else the k nearest
-    of the vocabulary. Nothing the run erases (`erased`: every concept of the run and of the patches
-    it stacks on, with their synonyms and members) is ever a neighbour."""
+    of the vocabulary, preceded, when `siblings` (superclass -> classes) is given, by the concept's
+    siblings under its superclass. Nothing the run erases (`erased`: every concept of the run and of
+    the patches it stacks on, with their synonyms and members) is ever a neighbour."""
     exclude = {w for c in erased for w in c.words}
     out = {}
     for c in concepts:
@@ -81,5 +94,8 @@ def run_neighbours(pipe, concepts: list[Concept], erased: list[Concept], k: int,
                                  "run or the patches it stacks on: a concept cannot be both kept and erased")
             out[c.name] = [(w, None) for w in c.neighbours]
         else:
-            out[c.name] = nearest(pipe, c, vocabulary, k, exclude, template)
+            near = nearest(pipe, c, vocabulary, k, exclude, template)
+            skip = {x.casefold() for x in exclude} | {w.casefold() for w, _ in near} | {c.superclass.casefold()}
+            sib = [w for w in (siblings or {}).get(c.superclass.casefold(), []) if w.casefold() not in skip]
+            out[c.name] = [(w, None) for w in sib] + near
     return out

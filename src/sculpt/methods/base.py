@@ -60,6 +60,11 @@ class ErasureMethod(ABC):
         run then gives the stage their data as ctx.neighbours. 0: the method has no such term."""
         return 0
 
+    def keeps_siblings(self) -> bool:
+        """Whether the neighbours also include the concept's siblings under its superclass (where the
+        model's world has a taxonomy)."""
+        return False
+
     # State carried from one stage to the next (e.g. the freeze mask); saved with checkpoints.
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}

@@ -80,6 +80,8 @@ class SculptingConfig(MethodConfig):
     lambda_nb: float = Field(
         NB_WEIGHT, ge=0, description="neighbour-aware preservation (not in the paper): weight of L_nb; 0 = off")
     neighbours: int = Field(NB_COUNT, ge=0, description="neighbours at risk kept per concept (when the spec lists none)")
+    neighbour_siblings: bool = Field(
+        False, description="also keep the concept's siblings under its superclass (worlds with a taxonomy)")
     freeze_fraction: float = Field(
         0.05, ge=0, le=1,
         description="share of each matrix frozen after a stage (its most-changed entries); 1 = all changed",
@@ -117,6 +119,9 @@ class Sculpting(ErasureMethod):
     def neighbours_wanted(self) -> int:
         cfg = self.config
         return cfg.neighbours if cfg.lambda_nb > 0 and not cfg.reference else 0
+
+    def keeps_siblings(self) -> bool:
+        return self.config.neighbour_siblings and self.config.lambda_nb > 0 and not self.config.reference
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"frozen.{n}": m.cpu() for n, m in self.frozen.items()}
