@@ -57,8 +57,9 @@ from sculpt.models.loading import cross_attention_params
 from sculpt.stage import StageContext, mse
 
 
-# Neighbour-aware preservation: weight and count chosen on the emoji world's development concept list
-# (docs/results.md: lambda_nb in {0, 1, 4} with k = 4), never on its ten test targets; untested on SD.
+# Neighbour-aware preservation: weight, count and siblings chosen on the emoji world's development
+# concept list (docs/results.md: lambda_nb in {0, 1, 4} with k = 4, then siblings on), never on its ten
+# test targets; untested on SD (where no taxonomy gives siblings).
 NB_WEIGHT = 4.0
 NB_COUNT = 4
 
@@ -81,7 +82,8 @@ class SculptingConfig(MethodConfig):
         NB_WEIGHT, ge=0, description="neighbour-aware preservation (not in the paper): weight of L_nb; 0 = off")
     neighbours: int = Field(NB_COUNT, ge=0, description="neighbours at risk kept per concept (when the spec lists none)")
     neighbour_siblings: bool = Field(
-        False, description="also keep the concept's siblings under its superclass (worlds with a taxonomy)")
+        True, description="also keep the concept's siblings under its superclass (worlds with a taxonomy; "
+        "chosen on the emoji development list)")
     freeze_fraction: float = Field(
         0.05, ge=0, le=1,
         description="share of each matrix frozen after a stage (its most-changed entries); 1 = all changed",
