@@ -112,12 +112,10 @@ def suggest(concept: str, pipe, vocabulary: list[str] | None = None, taxonomy=No
         notes.append("no known synonyms either: list the words users would type for it")
     out = Suggestion(concept, superclass, reason, synonyms, ranked[:top], members=[m.name for m in members],
                      template=template, notes=notes)
-    if superclass is not None:  # what the paper's method would keep, by its own rule
-        from sculpt.data.neighbours import nearest
-        from sculpt.methods.sculpting import NB_COUNT
+    if superclass is not None:  # what the paper's method keeps by sculpt.data.neighbours.nearest's rule:
+        from sculpt.methods.sculpting import NB_COUNT  # the nearest words, never the concept's or the superclass
 
-        spec = Concept(name=concept, superclass=superclass, synonyms=synonyms, members=out.members)
-        out.keep = [w for w, _ in nearest(pipe, spec, list(dict.fromkeys(words)), NB_COUNT, set(), template)]
+        out.keep = [w for w, _ in ranked if w.casefold() != superclass.casefold()][:NB_COUNT]
     return out
 
 

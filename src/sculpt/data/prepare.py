@@ -222,10 +222,10 @@ def prepare_concept_data(
     if made is None:
         # Always train on what the cache holds, in fresh (aligned) memory: a first run and a resumed one
         # then compute on identical inputs, bit for bit.
-        t = {k: v.clone() for k, v in load_file(str(file)).items()}
         from safetensors import safe_open
 
-        with safe_open(str(file), "pt") as f:
+        with safe_open(str(file), "pt") as f:  # tensors and the anchor record in one read
+            t = {k: f.get_tensor(k).clone() for k in f.keys()}
             anchor = json.loads((f.metadata() or {}).get("anchor", "{}"))
     else:  # what the main process writes and trains on, in the layout it reads back (the VAE's latents
         # come out channels-last, and convolutions over another layout round differently)
