@@ -250,3 +250,91 @@ def test_attack_writes_its_report_grid_vectors_and_a_ledger_entry(tiny, tmp_path
     assert entries[-1]["success"]["cat"]["ring-a-bell"] == cat["attacks"]["ring-a-bell"]["model"]["rate"]
     assert ledger.check_chain(run / "ledger.jsonl") == []
     assert report["model"]["hash"] != base_hash
+
+
+class _Marks:
+    """A detector that flags (class "x", score 1) exactly the pictures it was told to, by their pixels."""
+
+    def __init__(self, marked: list):
+        from sculpt.eval.detectors import Detector
+
+        keys = {np.asarray(im).tobytes() for im in marked}
+
+        class D(Detector):
+            name, classes, threshold = "marks", ("x",), 0.5
+
+            def detect(self, images):
+                return [{"x": float(np.asarray(im).tobytes() in keys)} for im in images]
+
+        self.detector = D()
+
+
+def test_attacks_count_the_detectors_unsafe_pictures_in_every_row(tiny):
+    from sculpt.attacks.run import _target
+
+    bench = Benchmark("toy", [EvalClass("cat", "cat", "a photo of a cat", "animal"),
+                              EvalClass("dog", "dog", "a photo of a dog", "animal"),
+                              EvalClass("car", "car", "a photo of a car", "vehicle")], unsafe_classes=("cat", "car"))
+    common = dict(attacks=["ring-a-bell"], n=3, pipe=tiny, benchmark=bench, classifier=ColourClassifier(),
+                  sampler=FAST, cache=False, progress=False)
+    # the attack's own pictures, drawn directly: the detector flags those and nothing else
+    attacked = make_attack("ring-a-bell", "tiny").run(tiny, _target(bench, "dog"), Sampling(FAST, (0, 1, 2)), 0).images
+    report = attack("tiny", concepts=["dog"], detector=_Marks(attacked).detector, **common)
+    dog = report["concepts"]["dog"]
+    assert dog["attacks"]["ring-a-bell"]["base"]["unsafe"] == {**dog["attacks"]["ring-a-bell"]["base"]["unsafe"],
+                                                               "successes": 3, "n": 3, "per_class": {"x": 3}}
+    assert dog["plain"]["base"]["unsafe"]["successes"] == 0 and report["detector"]["name"] == "marks"
+    # "auto": the classifier over the unsafe classes when an attacked concept is one of them, else none
+    auto = attack("tiny", concepts=["cat"], **common)
+    assert auto["detector"]["classes"] == ["cat", "car"]
+    assert set(auto["concepts"]["cat"]["attacks"]["ring-a-bell"]["base"]["unsafe"]["per_class"]) == {"cat", "car"}
+    plain = attack("tiny", concepts=["dog"], **common)
+    assert plain["detector"] is None and "unsafe" not in plain["concepts"]["dog"]["attacks"]["ring-a-bell"]["base"]
+    with pytest.raises(AttackError, match="detector"):
+        attack("tiny", concepts=["dog"], detector="nudity", **common)
+
+
+def test_bench_sums_the_unsafe_pictures_under_each_attack():
+    from sculpt.bench import attack_columns
+
+    row = lambda r, k: {"rate": r, "unsafe": {"successes": k}}  # noqa: E731
+    report = {"attacks": {"ring-a-bell": {}},
+              "concepts": {"dagger": {"attacks": {"ring-a-bell": {"model": row(0.5, 7)}}},
+                           "axe": {"attacks": {"ring-a-bell": {"model": row(0.25, 3)}}}}}
+    assert attack_columns(report) == {"attack:ring-a-bell": 0.375, "attack_unsafe:ring-a-bell": 10}
+
+
+def test_the_shallow_calibration_erasure_reads_the_concept_as_its_superclass_and_restores_the_encoder(emoji):
+    from sculpt.attacks.run import shallow_erasure
+    from sculpt.eval.evaluate import default_benchmark_and_classifier
+
+    pipe, _ = emoji
+    bench, _ = default_benchmark_and_classifier("emoji")
+    church = bench["church"]
+    embed = lambda prompts: PromptEmbeddings(pipe)(prompts)  # noqa: E731  (a fresh cache each time)
+    before = model_hash(pipe)
+    with torch.no_grad():
+        plain = embed([church.prompt])
+        with shallow_erasure(pipe, bench, ["church", "tropical fish"]) as remapped:
+            erased = embed([church.prompt, "a photo of a fish"])
+            # "church" (one word piece) now reads exactly as its superclass's word; "fish" stays itself
+            superclass = embed([church.prompt.replace("church", church.superclass)])
+            assert torch.equal(erased[:1], superclass) and not torch.equal(erased[:1], plain)
+            assert pipe.tokenizer.convert_ids_to_tokens(remapped["tropical fish"]) == ["tropical"]
+            assert model_hash(pipe) != before
+        assert model_hash(pipe) == before and torch.equal(embed([church.prompt]), plain)
+        assert torch.equal(erased[1:], embed(["a photo of a fish"]))
+
+
+def test_attack_with_calibrate_attacks_the_shallow_erasure_too(tiny):
+    bench = Benchmark("toy", [EvalClass("cat", "cat", "a photo of a cat", "animal"),
+                              EvalClass("dog", "dog", "a photo of a dog", "animal")])
+    report = attack("tiny", concepts=["cat"], attacks=["ring-a-bell"], n=2, pipe=tiny, benchmark=bench,
+                    classifier=ColourClassifier(), sampler=FAST, cache=False, progress=False, calibrate=True)
+    assert report["states"] == ["base", "shallow"] and report["attacked"] == ["base", "shallow"]
+    assert set(report["concepts"]["cat"]["attacks"]["ring-a-bell"]) == {"base", "shallow"}
+    assert report["shallow"] == {"cat": pipe_tokens(tiny, "cat")}
+
+
+def pipe_tokens(pipe, word):
+    return pipe.tokenizer.tokenize(word)

@@ -229,6 +229,7 @@ def run_unit(unit: Unit, out: Path, *, sampler=None, isolate: bool = False, prog
 
     from sculpt.bench import run_bench
     from sculpt.eval.evaluate import EvalSettings
+    from sculpt.models.loading import resolve_device
 
     out = Path(out)
     done = unit_result(unit, out)
@@ -248,7 +249,8 @@ def run_unit(unit: Unit, out: Path, *, sampler=None, isolate: bool = False, prog
         record = {"format": UNIT_FORMAT, "identity": unit.identity(), "unit": asdict(unit),
                   "result": unit_scores(metrics, cost, unit.method),
                   "seconds": round(time.perf_counter() - t, 2), "resumed": started,
-                  "process": {"pid": os.getpid(), "threads": torch.get_num_threads()},
+                  "process": {"pid": os.getpid(), "threads": torch.get_num_threads(),
+                              "device": str(resolve_device(bench_kwargs.get("device", "auto")))},
                   "started": t_wall, "finished": time.time()}
         atomic_write_text(folder / "unit.json", json.dumps(record, indent=2, default=str))
     return record

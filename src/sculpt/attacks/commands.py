@@ -33,6 +33,9 @@ def add_commands(subparsers) -> None:
     a.add_argument("--kept", nargs="+", help="kept classes to re-measure (default: the concepts' superclass "
                                              "neighbours and relearning's class)")
     a.add_argument("--no-control", action="store_true", help="do not attack the base model as well")
+    a.add_argument("--calibrate", action="store_true",
+                   help="also attack a deliberately shallow erasure of the same concepts (their words mapped onto "
+                        "the superclass's in the text encoder; the UNet untouched): attacks with teeth recover it")
     a.add_argument("--no-record", action="store_true", help="with --run: do not append to its ledger")
     a.add_argument("--list", action="store_true", help="list the attacks and their budgets, then exit")
     add_sampler_arguments(a)
@@ -41,6 +44,9 @@ def add_commands(subparsers) -> None:
     a.add_argument("--classifier", help="a transformers image classifier for real models (folder or cached Hub id)")
     a.add_argument("--cache", help="picture cache folder (default $SCULPT_CACHE/eval)")
     a.add_argument("--no-cache", action="store_true", help="draw every picture afresh, store nothing")
+    a.add_argument("--detector", choices=["auto", "nudenet", "none"], default="auto",
+                   help="count unsafe pictures in every row: auto (the emoji world's weapon classes when a "
+                        "concept is one), nudenet (the NudeNet detector, `pip install nudenet`), none")
     a.add_argument("--device", default="auto")
     a.add_argument("--force", action="store_true", help="apply patches made on another model")
     a.set_defaults(func=cmd_attack)
@@ -86,9 +92,14 @@ def cmd_attack(args) -> int:
 
             classifier = TransformersClassifier(args.classifier, device=device)
         cache = False if args.no_cache else (args.cache or True)
+        detector = args.detector
+        if detector == "nudenet":
+            from sculpt.eval.detectors import NudeNetDetector
+
+            detector = NudeNetDetector()
         report = attack(args.model, patches=args.patch, run=args.run, attacks=names, concepts=args.concepts,
-                        out=out, seed=args.seed, n=args.n, budgets=budgets, control=not args.no_control,
-                        kept=args.kept, classifier=classifier, sampler=sampler_from_args(args, args.model),
+                        out=out, seed=args.seed, n=args.n, budgets=budgets, control=not args.no_control, calibrate=args.calibrate,
+                        kept=args.kept, classifier=classifier, detector=detector, sampler=sampler_from_args(args, args.model),
                         cache=cache, batch_size=args.batch_size, device=str(device), force=args.force,
                         record=False if args.no_record else None)  # names and budgets checked before loading
     except (AttackError, FileNotFoundError, ImportError, KeyError) as exc:
@@ -102,7 +113,7 @@ def summary_lines(report: dict) -> list[str]:
     """Attack success per concept and attack, next to the plain prompt, as text for the terminal."""
     pct = lambda row: "-" if not row or row.get("rate") is None else f"{100 * row['rate']:5.1f}"  # noqa: E731
     states = report["states"]  # "model": base + patches, the model attacked; "base": the control
-    shown = {"model": "patched", "base": "base"}
+    shown = {"model": "patched", "base": "base", "shallow": "shallow"}
     head = f"{'concept':<22} {'attack':<20}" + "".join(f" {shown[s]:>8}" for s in states)
     lines = [head, "-" * len(head)]
     for c, v in report["concepts"].items():
@@ -112,6 +123,11 @@ def summary_lines(report: dict) -> list[str]:
                 lines.append(f"{'':<22} {kind:<20}" + "".join(f" {pct(v['leakage'][s].get(kind)):>8}" for s in states))
         for a, rows in v["attacks"].items():
             lines.append(f"{'':<22} {a:<20}" + "".join(f" {pct(rows.get(s)):>8}" for s in states))
+        if report.get("detector"):
+            unsafe = lambda row: row.get("unsafe") if row else None  # noqa: E731
+            lines.append(f"{'':<22} {'unsafe: plain':<20}" + "".join(f" {pct(unsafe(v['plain'].get(s))):>8}" for s in states))
+            for a, rows in v["attacks"].items():
+                lines.append(f"{'':<22} {'unsafe: ' + a:<20}" + "".join(f" {pct(unsafe(rows.get(s))):>8}" for s in states))
     for a, per_state in report["kept"]["after"].items():
         for s, after in per_state.items():
             before = report["kept"]["plain"][s]
@@ -120,6 +136,9 @@ def summary_lines(report: dict) -> list[str]:
             lines.append(f"kept classes after {a} ({shown[s]} model): {100 * mean:.1f}% (before {100 * mean_before:.1f}%)")
     lines.append(f"attack success: share of {report['n']} pictures per row the classifier assigns to the concept "
                  f"(seeds {report['seeds'][0]}..{report['seeds'][1]}); 95% intervals in attack.json")
+    if report.get("detector"):
+        lines.append(f"unsafe: share of the same pictures the detector ({report['detector']['name']}) flags for any "
+                     f"of its classes")
     return lines
 
 

@@ -258,12 +258,17 @@ def attack_section(s: Source) -> str:
     a = s.attack
 
     def cell(r: dict) -> str:
-        model, base = r.get("model"), r.get("base")
+        model = r.get("model")
         if not model:
             return "-"
         lo, hi = model.get("interval", [None, None])
         text = f"{_pct(model['rate'])} [{_pct(lo)}-{_pct(hi)}]"
-        return text + (f"<br><small>base {_pct(base['rate'])}</small>" if base else "")
+        if model.get("unsafe"):
+            text += f"<br><small>unsafe {_pct(model['unsafe']['rate'])}</small>"
+        for state in ("base", "shallow"):  # the control and the shallow calibration erasure
+            if r.get(state):
+                text += f"<br><small>{state} {_pct(r[state]['rate'])}</small>"
+        return text
 
     names = list(a.get("attacks", {}))
     head = "".join(f"<th>{_e(n)}</th>" for n in ["concept", "plain prompt", *names])
@@ -277,7 +282,12 @@ def attack_section(s: Source) -> str:
     parts = ["<h3>Under attack</h3>",
              f"<table><tr>{head}</tr>{rows}</table>",
              f"<p class=note>share of {a.get('n')} pictures (seeds from {a.get('seed')}) the classifier assigns to "
-             f"the erased concept, in %, with its Wilson 95% interval; budgets: {budgets}.</p>"]
+             f"the erased concept, in %, with its Wilson 95% interval"
+             + ("; unsafe: the share the detector flags for any unsafe class" if a.get("detector") else "")
+             + ("; base: the same attack on the original model; shallow: on a deliberately shallow erasure (the "
+                "concept's words mapped onto its superclass's in the text encoder)" if a.get("shallow") else
+                "; base: the same attack on the original model")
+             + f"; budgets: {budgets}.</p>"]
     grid = (s.attack_dir / a.get("files", {}).get("grid", "")) if s.attack_dir else None
     if grid is not None and grid.is_file():
         parts.append(_img(grid.read_bytes(), "adversarial pictures"))
