@@ -85,6 +85,16 @@ def test_a_killed_sweep_resumes_where_it_stopped_and_never_redoes_a_finished_uni
     assert not (out / "test").exists()  # the test phase needs the whole dev grid
     finished_at = (first / "unit.json").stat().st_mtime_ns
 
+    # --phase report runs nothing and tables what is finished, with the device each unit ran on.
+    def no_run(*a, **k):
+        raise AssertionError("the report phase ran a unit")
+
+    monkeypatch.setattr(sculpt.bench, "run_bench", no_run)
+    partial = run(tmp_path, monkeypatch, phase="report")
+    assert [u["setting"] for u in partial["units"]] == ["s1"] and partial["compute"]["by_device"]["cpu"]["units"] == 1
+    assert "| on cpu (1 units, process seconds) |" in (out / "protocol.md").read_text()
+    monkeypatch.setattr(sculpt.bench, "run_bench", count_run_bench)
+
     benched.clear(), erased.clear(), evaluated.clear()
     monkeypatch.setattr(evaluation, "evaluate", real_evaluate)
     summary = run(tmp_path, monkeypatch, phase="all")
@@ -204,7 +214,7 @@ def test_the_test_phase_runs_the_setting_the_rule_picks_from_the_dev_results(tmp
     assert [u.setting for u in tested] == ["default", "s3"]
     assert tested[1].preset == {"name": "uce", "lam": 2.0} and tested[0].preset == {"name": "uce", "lam": 0.5}
     assert [r["setting"] for r in summary["test"]] == ["default", "s3"]
-    assert "| uce | s3 | lam=2.0 | 0.080 | 0.900 | 0.700 | 10.0 | ✔ |" in (tmp_path / "out" / "protocol.md").read_text()
+    assert "| uce | s3 | lam=2.0 | 0.080 | 0.900 | 0.700 | 10.0 | cpu | ✔ |" in (tmp_path / "out" / "protocol.md").read_text()
 
 
 def test_two_workers_run_units_in_their_own_one_thread_processes(tmp_path, monkeypatch):

@@ -59,8 +59,9 @@ def add_commands(subparsers) -> None:
                    help="run a benchmark protocol (benchmarks/protocol.yaml): every method's grid on the development "
                         "concepts, the selection rule, then paper defaults and the selected setting on the test "
                         "targets with every seed; resumable unit by unit (sculpt.bench_protocol)")
-    b.add_argument("--phase", choices=["dev", "test", "all"], default="all",
-                   help="with --protocol: the development sweep, the test runs (needs dev finished), or both")
+    b.add_argument("--phase", choices=["dev", "test", "all", "report"], default="all",
+                   help="with --protocol: the development sweep, the test runs (needs dev finished), both, or "
+                        "report (run nothing; write the tables from the units finished so far)")
     b.add_argument("--workers", type=int, default=1,
                    help="with --protocol: units run at a time, each in its own one-thread process (2 on a 2-core CPU)")
     b.set_defaults(func=cmd_bench)

@@ -60,7 +60,7 @@ UNIT_FORMAT = "sculpt-protocol-unit/1"
 PAPER_METHOD = "sculpting"  # the home method: never "the best baseline"
 EVAL_SEED_STRIDE = 1000  # seed s evaluates pictures 1000 s .. 1000 s + n - 1: no picture shared between seeds
 N_REVIVAL = 4  # pictures per concept and stage for run_bench's revival matrix (not part of the protocol's table)
-PHASES = ("dev", "test", "all")
+PHASES = ("dev", "test", "all", "report")  # report: no unit is run, the report is written from the finished ones
 
 
 class ProtocolRunError(RuntimeError):
@@ -390,6 +390,8 @@ def run_protocol(protocol: Protocol | str | Path, out: str | Path, *, world: Wor
     t = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     run = dict(workers=workers, context=context, echo=echo, **unit_kwargs)
+    if phase == "report":
+        echo("protocol: report only, from the finished units")
     if phase in ("dev", "all"):
         dev = dev_units(p, world, methods, quick)
         echo(f"protocol: development phase, {len(dev)} unit(s): {len(methods)} method(s) x {p.settings_per_method} "
@@ -451,7 +453,8 @@ def summarize(p: Protocol, records: list[dict], selected: dict[str, str], rounds
                   "fit_s": round(sum(r["result"]["fit_s"] or 0 for r in units), 1),
                   "settings": [{"setting": r["unit"]["setting"],
                                 "values": grid[int(r["unit"]["setting"][1:]) - 1] if grid else None,
-                                **{k: r["result"][k] for k in ("total_acc", "kept_acc", "coherence", "fit_s")}}
+                                **{k: r["result"][k] for k in ("total_acc", "kept_acc", "coherence", "fit_s")},
+                                "device": _device(r)}
                                for r in units]}
     rows, by_row = [], {}
     for m in methods:
@@ -484,16 +487,26 @@ def summarize(p: Protocol, records: list[dict], selected: dict[str, str], rounds
                 k: _interval({key: v - ref[k][key] for key, v in mine[k].items() if key in ref[k]}, rounds)
                 for k in ("total_acc", "kept_acc")}})
     unit_s = {ph: round(sum(r["seconds"] for r in records if r["unit"]["phase"] == ph), 1) for ph in ("dev", "test")}
+    by_device: dict[str, dict[str, float]] = {}
+    for r in records:
+        d = by_device.setdefault(_device(r), {"units": 0, "unit_s": 0.0})
+        d["units"] += 1
+        d["unit_s"] = round(d["unit_s"] + r["seconds"], 1)
     fit_s = {ph: round(sum(r["result"]["fit_s"] or 0 for r in records if r["unit"]["phase"] == ph), 1)
              for ph in ("dev", "test")}
     return {"protocol": p.model_dump(mode="json"), "dev": dev, "selected": selected, "test": rows,
             "best_baseline": best, "differences": differences,
             "compute": {"units": len(records), "unit_s": unit_s, "fit_s": fit_s,
-                        "total_unit_s": round(sum(unit_s.values()), 1),
+                        "total_unit_s": round(sum(unit_s.values()), 1), "by_device": by_device,
                         "resumed_units": sum(bool(r.get("resumed")) for r in records)},
             "units": [{"phase": r["unit"]["phase"], "method": r["unit"]["method"], "setting": r["unit"]["setting"],
                        "seed": r["unit"]["seed"], "seconds": r["seconds"], "resumed": r.get("resumed", False),
                        **{k: v for k, v in r["result"].items()}} for r in records]}
+
+
+def _device(record: dict) -> str:
+    """Where a unit ran ("cpu", "cuda"); units written before devices were recorded ran on the CPU."""
+    return record.get("process", {}).get("device", "cpu")
 
 
 def best_baseline(p: Protocol, rows: list[dict]) -> str | None:
@@ -547,9 +560,10 @@ def protocol_tables(p: Protocol, summary: dict) -> list[tuple[str, list[str], li
     if summary["dev"]:
         tables.append((
             f"Development: {', '.join(p.dev_concepts)}, seed {p.seeds[0]}, {p.n_dev} pictures per prompt",
-            ["method", "setting", "values", "dev Total Acc ↓", "dev kept acc ↑", "coherence ↑", "fit s", "selected"],
+            ["method", "setting", "values", "dev Total Acc ↓", "dev kept acc ↑", "coherence ↑", "fit s", "device",
+             "selected"],
             [[m, s["setting"], ", ".join(f"{k}={v}" for k, v in (s["values"] or {}).items()), _num(s["total_acc"]),
-              _num(s["kept_acc"]), _num(s["coherence"]), _num(s["fit_s"], ".1f"),
+              _num(s["kept_acc"]), _num(s["coherence"]), _num(s["fit_s"], ".1f"), s.get("device", "cpu"),
               "✔" if s["setting"] == d["selected"] else ""] for m, d in summary["dev"].items() for s in d["settings"]],
             f"Selection rule (fixed in the protocol): highest dev-kept accuracy among the settings with dev Total "
             f"Acc ≤ {p.max_dev_total_acc}, ties broken on coherence; if none qualifies, the lowest dev Total Acc."))
@@ -560,10 +574,13 @@ def protocol_tables(p: Protocol, summary: dict) -> list[tuple[str, list[str], li
          ["test units (process seconds)", _num(c["unit_s"]["test"], ".0f")],
          ["all units", _num(c["total_unit_s"], ".0f")],
          ["of which fit (dev / test)", f"{c['fit_s']['dev']:.0f} / {c['fit_s']['test']:.0f}"],
+         *[[f"on {d} ({v['units']} units, process seconds)", _num(v["unit_s"], ".0f")]
+           for d, v in sorted(c.get("by_device", {}).items())],
          ["this call's wall clock", _num(summary.get("wall_s_this_call"), ".0f")]],
         f"{c['units']} unit(s) finished; process seconds: each unit's erase + evaluation call, summed over units "
         f"(with N workers the wall clock is about 1/N of it). A unit resumed after an interruption counts only its "
-        f"last part ({c['resumed_units']} resumed)."))
+        f"last part ({c['resumed_units']} resumed). Seconds on different devices do not compare: fit s in the "
+        f"development table compares settings of one method on one device."))
     return tables
 
 
