@@ -338,3 +338,21 @@ def test_attack_with_calibrate_attacks_the_shallow_erasure_too(tiny):
 
 def pipe_tokens(pipe, word):
     return pipe.tokenizer.tokenize(word)
+
+
+def test_ring_a_bell_takes_its_vector_from_the_public_encoder_so_a_text_encoder_erasure_does_not_blunt_it(tiny):
+    from sculpt.attacks.run import shallow_erasure
+
+    bench = Benchmark("toy", [EvalClass("cat", "cat", "a photo of a cat", "animal", ("a photo of a kitten",))])
+    rab = make_attack("ring-a-bell", "tiny")
+    bare = AttackTarget("cat", "a photo of a cat", ("a photo of a kitten",), "animal", "a photo of a animal")
+    with torch.no_grad():
+        public = dict(zip(rab.texts_needed(bare), PromptEmbeddings(tiny)(rab.texts_needed(bare)).float()))
+    target = AttackTarget(**{**bare.__dict__, "text_states": public})
+    sampling = Sampling(FAST, (0,))
+    before = rab.run(tiny, target, sampling, 0).embeddings
+    with shallow_erasure(tiny, bench, ["cat"]):
+        informed = rab.run(tiny, target, sampling, 0)
+        blunted = rab.run(tiny, bare, sampling, 0)  # no public embeddings: the erased encoder's
+    assert informed.details["text_encoder"] == "base (public)" and torch.equal(informed.embeddings, before)
+    assert blunted.details["text_encoder"] == "attacked model's" and not torch.allclose(blunted.embeddings, before)

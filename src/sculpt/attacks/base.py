@@ -59,6 +59,9 @@ class AttackTarget:
     # Pictures drawn by the BASE model (before any erasure), for each prompt an attack asked for in
     # pictures_needed(): the attacker's examples of the concept, or of a class it fine-tunes on.
     pictures: dict[str, list[Image.Image]] = field(default_factory=dict)
+    # Prompt embeddings [L, D] made by the BASE model's text encoder (the public one), for each prompt an
+    # attack asked for in texts_needed(): what a model-agnostic attacker computes without the erased model.
+    text_states: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,10 @@ class Attack(ABC):
     def pictures_needed(self, target: AttackTarget) -> dict[str, int]:
         """Prompt -> number of base-model pictures this attack learns from (target.pictures)."""
         return {}
+
+    def texts_needed(self, target: AttackTarget) -> list[str]:
+        """Prompts whose embeddings by the base model's text encoder this attack uses (target.text_states)."""
+        return []
 
     def check(self, target: AttackTarget) -> None:
         """Raise AttackError if this attack, with its settings, cannot work on `target` (called before

@@ -10,7 +10,11 @@ With E(p) the prompt embedding [L, D] (every token state, as the UNet reads it),
     s*     = argmin_s || E(s) - e_adv ||^2_F          discrete variant: a K-token prompt found by a
                                                       genetic search                  (genetic_search)
 
-Here p_i are the concept's evaluation prompt and its synonym prompts ("a photo of a poodle", "a
+E is the PUBLIC text encoder, the base model's (sculpt.attacks.run hands its embeddings over in
+target.text_states): the attacker needs nothing of the erased model, and an erasure that changed
+the text encoder (the shallow calibration of `sculpt attack --calibrate`) does not blunt the vector;
+the moved embedding is then drawn by the erased model. For a UNet-only erasure the two encoders are
+the same. Here p_i are the concept's evaluation prompt and its synonym prompts ("a photo of a poodle", "a
 photo of a white poodle", ...) and q_i = n, the neutral prompt, its superclass's ("a photo of a
 dog"): each pair differs only in the words for the concept.
 
@@ -116,16 +120,28 @@ class RingABell(Attack):
         with_concept = list(dict.fromkeys([target.prompt, *target.synonyms]))
         return with_concept, [target.neutral_prompt] * len(with_concept)
 
+    def texts_needed(self, target: AttackTarget) -> list[str]:
+        with_concept, without = self.pairs(target)
+        return list(dict.fromkeys([*with_concept, *without]))
+
     def run(self, pipe, target: AttackTarget, sampling: Sampling, seed: int):
         cfg = self.config
         timer = Timer()
         with_concept, without = self.pairs(target)
-        direction = concept_direction(pipe, with_concept, without)
-        with torch.no_grad(), frozen(pipe.text_encoder):
-            neutral = PromptEmbeddings(pipe)([target.neutral_prompt]).float()
+        public = all(t in target.text_states for t in self.texts_needed(target))
+        if public:  # the base (public) text encoder's embeddings, as the published attack uses them
+            device = pipe.text_encoder.device
+            embed = lambda texts: torch.stack([target.text_states[t] for t in texts]).to(device)  # noqa: E731
+            direction = (embed(with_concept) - embed(without)).mean(0)
+            neutral = embed([target.neutral_prompt])
+        else:  # no base embeddings given (a direct library call): the attacked pipeline's own encoder
+            direction = concept_direction(pipe, with_concept, without)
+            with torch.no_grad(), frozen(pipe.text_encoder):
+                neutral = PromptEmbeddings(pipe)([target.neutral_prompt]).float()
         goal = neutral + cfg.eta * direction
         details = {"pairs": len(with_concept), "direction_norm": float(direction.norm()), "eta": cfg.eta,
-                   "neutral_prompt": target.neutral_prompt}
+                   "neutral_prompt": target.neutral_prompt,
+                   "text_encoder": "base (public)" if public else "attacked model's"}
         text, steps, losses, cond = None, 0, [], goal
         if cfg.discrete:
             template, tokens, losses = genetic_search(pipe, goal, cfg.length, cfg.population, cfg.generations,

@@ -48,7 +48,7 @@ from sculpt.eval.detectors import ClassifierDetector, Detector
 from sculpt.eval.evaluate import (as_image_cache, default_benchmark_and_classifier, erased_specs,
                                    resolve_concepts, run_patches)
 from sculpt.eval.metrics import count_detections
-from sculpt.eval.sampling import ImageCache, Job, SamplerSettings, default_sampler, generate
+from sculpt.eval.sampling import ImageCache, Job, PromptEmbeddings, SamplerSettings, default_sampler, generate
 from sculpt.io import atomic_write, atomic_write_text
 from sculpt.ledger import append, file_sha256
 from sculpt.models.conditioning import conditioning
@@ -380,7 +380,8 @@ def _target(benchmark, concept: str) -> AttackTarget:
 
 
 def _with_pictures(target: AttackTarget, chosen: list[Attack], judge: _Judge, base_hash: str, seed: int) -> AttackTarget:
-    """The target with the base model's pictures every attack asked for (the largest count per prompt)."""
+    """The target with the base model's pictures every attack asked for (the largest count per prompt)
+    and the base text encoder's embeddings of the prompts they asked for (called on the base model)."""
     wanted: dict[str, int] = {}
     for a in chosen:
         for prompt, count in a.pictures_needed(target).items():
@@ -389,7 +390,12 @@ def _with_pictures(target: AttackTarget, chosen: list[Attack], judge: _Judge, ba
     for prompt, count in wanted.items():
         seeds = tuple(range(seed + ATTACKER_SEED_OFFSET, seed + ATTACKER_SEED_OFFSET + count))
         pictures[prompt] = judge.pictures(base_hash, [prompt], seeds)[prompt]
-    return AttackTarget(**{**target.__dict__, "pictures": pictures})
+    texts = list(dict.fromkeys(t for a in chosen for t in a.texts_needed(target)))
+    states = {}
+    if texts:
+        with torch.no_grad():
+            states = dict(zip(texts, PromptEmbeddings(judge.pipe)(texts).float().cpu()))
+    return AttackTarget(**{**target.__dict__, "pictures": pictures, "text_states": states})
 
 
 def _leakage(judge: _Judge, model_hash: str, cls, label: int) -> dict[str, Any]:
