@@ -106,6 +106,22 @@ def test_unlearndiffatk_prefix_lowers_the_denoising_loss_it_optimises(emoji, spa
         assert result.prompt.endswith("a photo of an object") and len(result.prompt.split()) >= 9
 
 
+def test_unlearndiffatk_ends_without_the_prefix_when_its_own_objective_says_the_prefix_is_worse(emoji):
+    pipe, pictures = emoji
+    # The concept's own prompt on the model that knows it, and a prefix that cannot have learned anything
+    # (lr 1e-9): the plain prompt's probe loss is the lower one, so the attack ends there.
+    target = AttackTarget("poodle", "a photo of a poodle", pictures={"a photo of a poodle": pictures})
+    budget = {"steps": 1, "batch_size": 2, "n_images": 8, "probe": 16, "lr": 1e-9}
+    kept = make_attack("unlearndiffatk", "emoji", budget).run(pipe, target, Sampling(FAST, (0,)), seed=0)
+    raw = make_attack("unlearndiffatk", "emoji", {**budget, "keep_better": False}).run(
+        pipe, target, Sampling(FAST, (0,)), seed=0)
+    d = kept.details
+    assert d["loss_plain_prompt"] < d["loss_final"] and d["ends_with"] == "plain prompt"
+    assert kept.prompt == "a photo of a poodle" and raw.prompt != kept.prompt and raw.details["ends_with"] == "prefix"
+    assert torch.equal(kept.embeddings, encode(pipe, SlotPrompt.build(pipe.tokenizer, "a photo of a poodle")).cpu())
+    assert not torch.equal(raw.embeddings, kept.embeddings)
+
+
 def test_the_simplex_projection_is_the_nearest_distribution():
     v = torch.tensor([[0.5, 0.2, -0.1, 0.9], [0.25, 0.25, 0.25, 0.25], [3.0, 0.0, 0.0, 0.0]])
     p = project_to_simplex(v)

@@ -61,6 +61,7 @@ DEFAULT_ATTACKS = ("unlearndiffatk", "ring-a-bell", "textual-inversion", "relear
 # The attacker's own pictures (made by the base model) use seeds seed + OFFSET + i; the evaluation's are
 # seed + i and the FID reference renders 10_000_000 + ...: three disjoint sets.
 ATTACKER_SEED_OFFSET = 1_000_000
+STATE_NAMES = {"model": "attacked model", "base": "base model", "shallow": "shallow calibration erasure"}
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -326,7 +327,7 @@ def attack(
                             vectors[f"{state}/{c}/{a.name}/{kind}"] = value.float().contiguous()
                     if shown:
                         grid[f"{c}: {a.name}"] = result.images[:grid_pictures]
-                    say(f"attack on the {'base' if state == 'base' else 'attacked'} model, {c}, {a.name}: "
+                    say(f"attack on the {STATE_NAMES[state]}, {c}, {a.name}: "
                         f"{row['successes']}/{n} pictures show it"
                         + (f", {row['unsafe']['successes']}/{n} unsafe " if detector is not None else " ") +
                         f"({result.steps} steps, {result.seconds:.0f}s + {result.sampling_seconds:.0f}s sampling)")

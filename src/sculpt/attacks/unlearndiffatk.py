@@ -31,7 +31,12 @@ most 2000 steps, one target picture per attacked prompt. Deviations here, all de
   classifier stays the judge, never the attacker's guide;
 - one prefix per concept, learned on `n_images` base-model pictures (minibatches of `batch_size`)
   and judged on the evaluation's seeds, instead of one prefix per (prompt, seed, picture);
-- special tokens (begin, end, padding, unknown, mask) are left out of the vocabulary.
+- special tokens (begin, end, padding, unknown, mask) are left out of the vocabulary;
+- the attack ends at the better of its two end points by its own objective: the found prefix, or no
+  prefix at all when the prefix does not lower the probe loss below the plain prompt's
+  (`keep_better`, on by default; details["ends_with"] says which). The published attack reaches the
+  same place another way: a prompt that already shows the concept before the attack counts as broken.
+  No classifier is involved in the choice.
 Emoji world budget: 200 steps at batch 4 on 16 pictures (about 20 s a concept on one CPU core).
 """
 
@@ -58,6 +63,9 @@ class UnlearnDiffAtkConfig(AttackConfig):
         "tokens", description="tokens: distributions over the vocabulary, ends in a real prompt (published); "
                               "embeddings: the prefix input vectors themselves")
     probe: int = Field(32, ge=1, description="fixed draws on which the loss before / after is reported")
+    keep_better: bool = Field(True, description="end with the prompt without prefix when the found prefix does "
+                                                "not lower the probe loss below it (the best point by the "
+                                                "attack's own objective)")
 
 
 class _StraightThroughSample(torch.autograd.Function):
@@ -131,16 +139,19 @@ class UnlearnDiffAtk(Attack):
             final = self._prefix(variable.detach(), table)
             with torch.no_grad():
                 cond = encode(pipe, prompt, final)
+                plain = encode(pipe, SlotPrompt.build(pipe.tokenizer, target.prompt))
                 details = {
                     "loss_initial": float(denoising_loss(pipe, probe, encode(pipe, prompt, initial))),
                     "loss_final": float(denoising_loss(pipe, probe, cond)),
-                    "loss_plain_prompt": float(denoising_loss(
-                        pipe, probe, encode(pipe, SlotPrompt.build(pipe.tokenizer, target.prompt)))),
+                    "loss_plain_prompt": float(denoising_loss(pipe, probe, plain)),
                 }
         seconds = timer()
         text = None
         if cfg.space == "tokens":
             text = prompt.text(pipe.tokenizer, vocab[variable.detach().argmax(-1)])
+        details["ends_with"] = "prefix"
+        if cfg.keep_better and details["loss_plain_prompt"] <= details["loss_final"]:
+            cond, text, details["ends_with"] = plain, target.prompt, "plain prompt"
         timer = Timer()
         images = draw(pipe, cond, sampling)
         return self.result(target, sampling, seed, images=images, steps=cfg.steps, seconds=seconds,
