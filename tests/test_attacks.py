@@ -310,14 +310,17 @@ def test_attacks_count_the_detectors_unsafe_pictures_in_every_row(tiny):
         attack("tiny", concepts=["dog"], detector="nudity", **common)
 
 
-def test_bench_sums_the_unsafe_pictures_under_each_attack():
-    from sculpt.bench import attack_columns
+def test_bench_sums_the_unsafe_pictures_under_each_attack(tmp_path):
+    from sculpt.bench import attack_columns, write_tables
 
     row = lambda r, k: {"rate": r, "unsafe": {"successes": k}}  # noqa: E731
     report = {"attacks": {"ring-a-bell": {}},
               "concepts": {"dagger": {"attacks": {"ring-a-bell": {"model": row(0.5, 7)}}},
                            "axe": {"attacks": {"ring-a-bell": {"model": row(0.25, 3)}}}}}
     assert attack_columns(report) == {"attack:ring-a-bell": 0.375, "attack_unsafe:ring-a-bell": 10}
+    write_tables([{"method": "sculpting", **attack_columns(report)}], tmp_path)
+    table = (tmp_path / "bench.md").read_text()
+    assert "| under ring-a-bell ↓ | unsafe under ring-a-bell ↓ |" in table and "| 0.375 | 10 |" in table
 
 
 def test_the_shallow_calibration_erasure_reads_the_concept_as_its_superclass_and_restores_the_encoder(emoji):

@@ -681,7 +681,7 @@ def write_tables(rows: list[dict], out: Path, command: str | None = None, title:
         w.writerow(cols)
         for r in rows:
             w.writerow(["" if r.get(c) is None else r.get(c) for c in cols])
-    head = [HEADERS.get(c, c.removeprefix("acc:").replace("unsafe:", "# ").replace("attack_unsafe:", "unsafe under ")
+    head = [HEADERS.get(c, c.removeprefix("acc:").replace("attack_unsafe:", "unsafe under ").replace("unsafe:", "# ")
                         .replace("attack:", "under ") + (" ↓" if c.startswith(("attack:", "attack_unsafe:")) else ""))
             for c in cols]
     lines = [f"# {title or 'sculpt bench'}", ""]
