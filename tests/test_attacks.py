@@ -263,6 +263,7 @@ def test_attack_writes_its_report_grid_vectors_and_a_ledger_entry(tiny, tmp_path
     assert (tmp_path / "out" / "attack_grid.png").is_file() and (tmp_path / "out" / "attack_vectors.safetensors").is_file()
     entries = ledger.read_ledger(run / "ledger.jsonl")
     assert entries[-1]["event"] == "attack" and entries[-1]["concepts"] == ["cat"]
+    assert entries[-1]["detector"] is None and entries[-1]["unsafe"] is None  # no unsafe class attacked
     assert entries[-1]["success"]["cat"]["ring-a-bell"] == cat["attacks"]["ring-a-bell"]["model"]["rate"]
     assert ledger.check_chain(run / "ledger.jsonl") == []
     assert report["model"]["hash"] != base_hash

@@ -438,8 +438,11 @@ def _record(run: Path, report: dict, attack_file: Path) -> None:
     state = report["states"][0]  # the attacked model
     success = {c: {a: rows.get(state, {}).get("rate") for a, rows in v["attacks"].items()}
                for c, v in report["concepts"].items()}
+    unsafe = ({c: {a: (rows.get(state) or {}).get("unsafe", {}).get("rate") for a, rows in v["attacks"].items()}
+               for c, v in report["concepts"].items()} if report.get("detector") else None)
     append(run / "ledger.jsonl", "attack",
            attacks={a: v["budget"] for a, v in report["attacks"].items()},
+           detector=report.get("detector"), unsafe=unsafe,
            concepts=list(report["concepts"]), n=report["n"], seed=report["seed"], model_hash=report["model"]["hash"],
            plain={c: v["plain"][state]["rate"] for c, v in report["concepts"].items()},
            success=success, sampler=report["sampler"],
