@@ -3,8 +3,15 @@
 #
 #   bash benchmarks/gpu/protocol.sh PHASE WORKERS SECONDS      # there, from the repository root
 #
-# Needs, carried from here: .whl/ (py3.12 wheels of diffusers and pydantic, which that image lacks)
-# and .gpupack/ (the text encoder, benchmarks/gpu/pack_text_encoder.py). Runs `sculpt bench --protocol`
+# Needs, carried from here (both git-ignored through .git/info/exclude):
+#   .whl/     py3.12 wheels that image lacks, made here with
+#             pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#               --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 pydantic==2.14.4 \
+#               pydantic_core==2.50.5 annotated-types typing-inspection importlib_metadata
+#   .gpupack/ the text encoder: python benchmarks/gpu/pack_text_encoder.py .gpupack
+# (the repository, .whl and .gpupack together are about 63 MiB of the 64 MiB a call carries).
+# Measured 2026-11-29 with 14 workers: 24 development units (sculpting, uce, mace) in 472 s; an
+# ESD unit did not finish in 250 s. Runs `sculpt bench --protocol`
 # with WORKERS unit processes on the one GPU for at most SECONDS, then packs every *finished* unit
 # (unit.json present; checkpoints and pictures left out) into $OUT/units.tgz. Unpacked here under
 # runs/protocol, those units count as done and the rest run here (each unit.json records its device).
