@@ -11,7 +11,7 @@
 #   .gpupack/ the text encoder: python benchmarks/gpu/pack_text_encoder.py .gpupack
 # (the repository, .whl and .gpupack together are about 63 MiB of the 64 MiB a call carries).
 # Measured 2026-11-29 with 14 workers: 24 development units (sculpting, uce, mace) in 472 s; an
-# ESD unit did not finish in 250 s. Runs `sculpt bench --protocol`
+# ESD unit, 400 iterations x 5 stages, was not finished after about 170 + 250 s over two calls. Runs `sculpt bench --protocol`
 # with WORKERS unit processes on the one GPU for at most SECONDS, then packs every *finished* unit
 # (unit.json present; checkpoints and pictures left out) into $OUT/units.tgz. Unpacked here under
 # runs/protocol, those units count as done and the rest run here (each unit.json records its device).
