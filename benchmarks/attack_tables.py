@@ -16,10 +16,12 @@ import json
 from pathlib import Path
 
 
-def cell(row: dict | None, interval: bool = True) -> str:
+def cell(row: dict | None, interval: bool = True, with_plain: bool = False) -> str:
     if not row or row.get("rate") is None:
         return "-"
     text = f"{row['rate']:.2f}"
+    if with_plain and row.get("with_plain"):  # the published convention: plain prompt or attack, per seed
+        text += f" (or plain {row['with_plain']['rate']:.2f})"
     if interval:
         lo, hi = row["interval"]
         text += f" [{lo:.2f}, {hi:.2f}]"
@@ -28,7 +30,8 @@ def cell(row: dict | None, interval: bool = True) -> str:
     return text
 
 
-def tables(paths: list[Path], states: list[str], label_from_path: bool, interval: bool) -> list[str]:
+def tables(paths: list[Path], states: list[str], label_from_path: bool, interval: bool,
+           with_plain: bool = False) -> list[str]:
     lines = []
     for state in states:
         header = None
@@ -45,7 +48,7 @@ def tables(paths: list[Path], states: list[str], label_from_path: bool, interval
                 rows = [v["attacks"][a].get(state) for a in names]
                 seconds = "/".join(f"{r['seconds']:.0f}" if r else "-" for r in rows)
                 lines.append("| " + " | ".join([label, c, cell(v["plain"].get(state), interval),
-                                                *[cell(r, interval) for r in rows], seconds]) + " |")
+                                                *[cell(r, interval, with_plain) for r in rows], seconds]) + " |")
         if header is not None:
             lines.append("")
     return lines
@@ -57,8 +60,10 @@ def main() -> None:
     ap.add_argument("--state", nargs="+", default=["model", "base", "shallow"])
     ap.add_argument("--label-from-path", action="store_true", help="label rows by the folder above attack/")
     ap.add_argument("--no-interval", action="store_true")
+    ap.add_argument("--with-plain", action="store_true", help="also each attack's rate with the plain prompt's "
+                                                                "successes counted (the published convention)")
     a = ap.parse_args()
-    print("\n".join(tables(a.reports, a.state, a.label_from_path, not a.no_interval)))
+    print("\n".join(tables(a.reports, a.state, a.label_from_path, not a.no_interval, a.with_plain)))
 
 
 if __name__ == "__main__":
