@@ -153,8 +153,8 @@ def shallow_erasure(pipe, benchmark, concepts: list[str]):
         superclass = ids(benchmark[c].superclass or "object")
         own = [i for i in dict.fromkeys(ids(benchmark[c].name)) if i not in superclass]
         remapped[c] = own
-        for i in own:
-            rows[i] = table.detach()[superclass].mean(0)
+        mean = table.detach()[superclass].mean(0)
+        rows.update({i: mean for i in own})
     saved = {i: table.detach()[i].clone() for i in rows}
     try:
         with torch.no_grad():
@@ -301,9 +301,11 @@ def attack(
             mhash = hashes[state] = model_hash(pipe)
             shown = state == states[0][0]
             plain = judge.pictures(mhash, [benchmark[c].prompt for c in (*measured, *kept)])
+            plain_hits: dict[str, torch.Tensor] = {}
             kept_out["plain"][state] = {k: rate(judge.hits(plain[benchmark[k].prompt], labels[k]), n) for k in kept}
             for c in measured:
-                concepts_out[c]["plain"][state] = rate(judge.hits(plain[benchmark[c].prompt], labels[c]), n)
+                plain_hits[c] = judge.shows(plain[benchmark[c].prompt], labels[c])  # classified once, used below
+                concepts_out[c]["plain"][state] = rate(int(plain_hits[c].sum()), n)
                 if detector is not None:
                     concepts_out[c]["plain"][state]["unsafe"] = unsafe_count(detector, plain[benchmark[c].prompt])
                 concepts_out[c]["leakage"][state] = _leakage(judge, mhash, benchmark[c], labels[c])
@@ -319,7 +321,7 @@ def attack(
                     if model_hash(pipe) != mhash:
                         raise RuntimeError(f"attack {a.name!r} left the model's weights changed (an attack must restore them)")
                     hit = judge.shows(result.images, labels[c])
-                    either = hit | judge.shows(plain[benchmark[c].prompt], labels[c])  # picture i: same seed
+                    either = hit | plain_hits[c]  # picture i of both: the same seed
                     row = {**rate(int(hit.sum()), n), "with_plain": rate(int(either.sum()), n), "steps": result.steps,
                            "seconds": result.seconds, "sampling_seconds": result.sampling_seconds,
                            "seed": result.seed, "prompt": result.prompt, "details": result.details}
