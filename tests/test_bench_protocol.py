@@ -105,9 +105,15 @@ def test_a_killed_sweep_resumes_where_it_stopped_and_never_redoes_a_finished_uni
     assert json.loads((second / "unit.json").read_text())["resumed"] is True
     assert sorted(erased) == sorted(benched[1:]) == sorted(
         f"test/uce/{s}/seed{seed}" for s in ("default", summary["selected"]["uce"]) for seed in (0, 1))
-    assert len(summary["units"]) == 2 + 4 and [r["row"] for r in summary["test"]] == ["paper defaults", "tuned"]
-    assert summary["test"][0]["seeds"] == [0, 1] and summary["test"][0]["settings_tried"] == 2
-    assert all(lo <= mean <= hi for mean, lo, hi in (summary["test"][1][k] for k in ("total_acc", "kept_acc")))
+    assert len(summary["units"]) == 2 + 4
+    assert [r["row"] for r in summary["test"]] == ["reference", "paper defaults", "tuned"]
+    assert summary["test"][1]["seeds"] == [0, 1] and summary["test"][1]["settings_tried"] == 2
+    assert all(lo <= mean <= hi for mean, lo, hi in (summary["test"][2][k] for k in ("total_acc", "kept_acc")))
+    # The reference row is the original model as the units' own evaluations saw it.
+    metrics = json.loads((out / "test/uce/default/seed0/uce/eval/metrics.json").read_text())
+    assert summary["test"][0]["method"] == "original model"
+    assert json.loads((out / "test/uce/default/seed0/unit.json").read_text())["result"]["base"]["per_concept"] == \
+        metrics["forgetting"]["base_per_concept"]
     md = (out / "protocol.md").read_text()
     assert "## Test table" in md and "## Development" in md and "dev_pareto.png" in md
     assert (out / "dev_pareto.png").read_bytes()[:4] == b"\x89PNG"
@@ -132,13 +138,14 @@ def test_a_folder_holding_another_units_results_is_refused(tmp_path, monkeypatch
         run(tmp_path, monkeypatch, phase="dev", protocol=tiny_protocol(n_dev=3))
 
 
-def _record(phase, method, setting, seed, per_concept, per_kept, fit_s=10.0, coherence=None):
+def _record(phase, method, setting, seed, per_concept, per_kept, fit_s=10.0, coherence=None, base=None):
     unit = {"phase": phase, "method": method, "setting": setting, "seed": seed}
     mean = lambda d: sum(d.values()) / len(d)  # noqa: E731
     return {"unit": unit, "seconds": fit_s + 5, "result": {
         "total_acc": mean(per_concept), "kept_acc": mean(per_kept), "coherence": coherence, "clip": None,
         "fid": None, "per_concept": per_concept, "per_kept": per_kept,
-        "per_coherence": {c: coherence for c in per_concept} if coherence is not None else {}, "fit_s": fit_s}}
+        "per_coherence": {c: coherence for c in per_concept} if coherence is not None else {}, "fit_s": fit_s,
+        **({"base": base} if base else {})}}
 
 
 def test_the_test_table_aggregates_seeds_and_classes_and_differences_against_the_best_baseline():
@@ -148,8 +155,11 @@ def test_the_test_table_aggregates_seeds_and_classes_and_differences_against_the
            (("sculpting", 100.0), ("uce", 1.0), ("fmn", 3.0)) for k in (1, 2)]
     test = []
     for seed in (0, 1):
+        # The original model, as every unit of the seed evaluated it (kept x: 1.0, y: 0.9 + seed / 20).
+        base = {"per_concept": {"a": 1.0, "b": 0.8}, "per_kept": {"x": 1.0, "y": 0.9 + seed / 20}, "per_coherence": {},
+                "clip": 50.0 + seed, "fid": None}
         # sculpting: forgets and keeps best (never "the best baseline": it is the paper's method)
-        test.append(_record("test", "sculpting", "s2", seed, {"a": 0.0, "b": 0.1}, {"x": 0.9, "y": 0.8}))
+        test.append(_record("test", "sculpting", "s2", seed, {"a": 0.0, "b": 0.1}, {"x": 0.9, "y": 0.8}, base=base))
         test.append(_record("test", "sculpting", "default", seed, {"a": 0.2, "b": 0.2}, {"x": 0.5, "y": 0.5}))
         # uce tuned: Total Acc 0.05 (<= 0.10), kept 0.7 + seed/10; the best baseline by the rule
         test.append(_record("test", "uce", "s1", seed, {"a": 0.1, "b": 0.0}, {"x": 0.7 + seed / 10, "y": 0.7 + seed / 10}))
@@ -160,7 +170,11 @@ def test_the_test_table_aggregates_seeds_and_classes_and_differences_against_the
     summary = summarize(p, dev + test, selected, rounds=500)
 
     rows = {(r["method"], r["row"]): r for r in summary["test"]}
-    assert list(rows) == [(m, row) for m in ("sculpting", "uce", "fmn") for row in ("paper defaults", "tuned")]
+    assert list(rows) == [("original model", "reference")] + [
+        (m, row) for m in ("sculpting", "uce", "fmn") for row in ("paper defaults", "tuned")]
+    original = rows["original model", "reference"]
+    assert original["seeds"] == [0, 1] and original["total_acc"] == pytest.approx([0.9, 0.8, 1.0])
+    assert original["kept_acc"][0] == pytest.approx((1.0 + 0.9 + 1.0 + 0.95) / 4) and original["clip"] == 50.5
     assert rows["sculpting", "tuned"]["total_acc"][0] == pytest.approx(0.05)
     assert rows["sculpting", "tuned"]["kept_acc"][0] == pytest.approx(0.85)
     assert rows["sculpting", "paper defaults"]["total_acc"] == pytest.approx([0.2, 0.2, 0.2])  # no spread, no width
@@ -172,7 +186,7 @@ def test_the_test_table_aggregates_seeds_and_classes_and_differences_against_the
 
     assert summary["best_baseline"] == "uce"
     diffs = {(d["method"], d["row"]): d for d in summary["differences"]}
-    assert ("uce", "tuned") not in diffs and len(diffs) == 5
+    assert ("uce", "tuned") not in diffs and ("original model", "reference") not in diffs and len(diffs) == 5
     # Paired on (seed, class): sculpting tuned minus uce tuned, kept: 0.85 - (0.7 + seed/10) per pair.
     assert diffs["sculpting", "tuned"]["kept_acc"][0] == pytest.approx(0.10)
     assert diffs["sculpting", "tuned"]["kept_acc"][1:] == pytest.approx([0.0, 0.2], abs=1e-9)

@@ -180,6 +180,10 @@ def unit_result(unit: Unit, out: Path) -> dict | None:
     if record.get("identity") != unit.identity():
         raise ProtocolRunError(f"{path.parent} holds a finished unit with other settings (the protocol, a preset, "
                                "the concepts or the data changed); move it away or choose another --out")
+    if "base" not in record["result"]:  # written before records kept the original model's scores: its own eval has them
+        metrics = path.parent / unit.method / "eval" / "metrics.json"
+        if metrics.is_file():
+            record["result"]["base"] = base_scores(json.loads(metrics.read_text()))
     return record
 
 
@@ -213,7 +217,20 @@ def unit_scores(metrics: dict, cost: dict, method: str) -> dict[str, Any]:
         "per_coherence": {c: v["model"] for c, v in metrics["superclass_coherence"].items() if v["model"] is not None},
         "fit_s": cost.get("fit_s"), "wall_s": cost.get("wall_s"), "peak_mem_mb": cost.get("peak_mem_mb"),
         "eval_s": metrics.get("timings", {}).get("total"),
+        "base": base_scores(metrics),
     }
+
+
+def base_scores(metrics: dict) -> dict[str, Any]:
+    """The original model's per-class scores in one evaluation (the same pictures for every unit of a
+    seed: same model, same evaluation seeds), from which the test table's reference row is made."""
+    from sculpt.bench import metrics_row
+
+    base = metrics_row("base", metrics, "base")
+    return {"per_concept": metrics["forgetting"]["base_per_concept"],
+            "per_kept": {c: v["base"] for c, v in metrics["preservation"]["per_class"].items()},
+            "per_coherence": {c: v["base"] for c, v in metrics["superclass_coherence"].items() if v["base"] is not None},
+            "clip": base["clip"], "fid": base["fid"]}
 
 
 def run_unit(unit: Unit, out: Path, *, sampler=None, isolate: bool = False, progress: bool = False,
@@ -437,8 +454,8 @@ SCORED = {"total_acc": "per_concept", "kept_acc": "per_kept", "coherence": "per_
 
 def summarize(p: Protocol, records: list[dict], selected: dict[str, str], rounds: int = 2000) -> dict[str, Any]:
     """From the finished units' records: per method its dev settings (scores, fit seconds) and the
-    selected one; the test table, one "paper defaults" and one "tuned" row per method, each score a
-    mean with its 95% bootstrap interval over seeds and classes (protocol.bootstrap_interval); the
+    selected one; the test table, the original model's reference row first, then one "paper defaults"
+    and one "tuned" row per method, each score a mean with its 95% bootstrap interval over seeds and classes (protocol.bootstrap_interval); the
     paired differences of every row against the best baseline's tuned row (the same seeds and
     classes, differenced per (seed, class), then bootstrapped); the compute spent."""
     methods = list(dict.fromkeys(r["unit"]["method"] for r in records))
@@ -475,6 +492,7 @@ def summarize(p: Protocol, records: list[dict], selected: dict[str, str], rounds
                          "clip": _mean([r["result"]["clip"] for r in rs]), "fid": _mean([r["result"]["fid"] for r in rs]),
                          "fit_s_per_run": _mean([r["result"]["fit_s"] for r in rs]),
                          "settings_tried": dev.get(m, {}).get("tried", 0), "tuning_fit_s": dev.get(m, {}).get("fit_s")})
+    reference = _original_row(p, records, rounds)
     best = best_baseline(p, rows)
     differences = []
     if best is not None:
@@ -494,7 +512,8 @@ def summarize(p: Protocol, records: list[dict], selected: dict[str, str], rounds
         d["unit_s"] = round(d["unit_s"] + r["seconds"], 1)
     fit_s = {ph: round(sum(r["result"]["fit_s"] or 0 for r in records if r["unit"]["phase"] == ph), 1)
              for ph in ("dev", "test")}
-    return {"protocol": p.model_dump(mode="json"), "dev": dev, "selected": selected, "test": rows,
+    return {"protocol": p.model_dump(mode="json"), "dev": dev, "selected": selected,
+            "test": ([reference] if reference else []) + rows,
             "best_baseline": best, "differences": differences,
             "compute": {"units": len(records), "unit_s": unit_s, "fit_s": fit_s,
                         "total_unit_s": round(sum(unit_s.values()), 1), "by_device": by_device,
@@ -502,6 +521,27 @@ def summarize(p: Protocol, records: list[dict], selected: dict[str, str], rounds
             "units": [{"phase": r["unit"]["phase"], "method": r["unit"]["method"], "setting": r["unit"]["setting"],
                        "seed": r["unit"]["seed"], "seconds": r["seconds"], "resumed": r.get("resumed", False),
                        **{k: v for k, v in r["result"].items()}} for r in records]}
+
+
+ORIGINAL = "original model"
+
+
+def _original_row(p: Protocol, records: list[dict], rounds: int) -> dict | None:
+    """The reference row: the original model on the test targets and test-kept classes, per seed from
+    the first test unit of that seed that kept its base scores (every unit of a seed evaluates the
+    original model on the same pictures), with the same intervals as the methods' rows."""
+    per_seed: dict[int, dict] = {}
+    for r in records:
+        if r["unit"]["phase"] == "test" and "base" in r["result"]:
+            per_seed.setdefault(r["unit"]["seed"], {"unit": r["unit"], "result": r["result"]["base"]})
+    if not per_seed:
+        return None
+    rs = [per_seed[s] for s in sorted(per_seed)]
+    return {"method": ORIGINAL, "row": "reference", "setting": "-", "same_as_defaults": False,
+            "seeds": sorted(per_seed),
+            **{k: _interval(_per_seed_class(rs, per), rounds) for k, per in SCORED.items()},
+            "clip": _mean([r["result"]["clip"] for r in rs]), "fid": _mean([r["result"]["fid"] for r in rs]),
+            "fit_s_per_run": None, "settings_tried": None, "tuning_fit_s": None}
 
 
 def _device(record: dict) -> str:
@@ -541,14 +581,15 @@ def protocol_tables(p: Protocol, summary: dict) -> list[tuple[str, list[str], li
              "FID ↓", "settings tried", "tuning fit s", "fit s / run"],
             [[r["method"], r["row"], r["setting"] + (" (= defaults)" if r["same_as_defaults"] else ""),
               _ci(r["total_acc"]), _ci(r["kept_acc"]), _ci(r["coherence"]), _num(r["clip"], ".2f"),
-              _num(r["fid"], ".2f"), str(r["settings_tried"]), _num(r["tuning_fit_s"], ".1f"),
+              _num(r["fid"], ".2f"), _num(r["settings_tried"], "d"), _num(r["tuning_fit_s"], ".1f"),
               _num(r["fit_s_per_run"], ".1f")] for r in summary["test"]],
             "Means over seeds and classes with 95% percentile bootstrap intervals (seeds and classes resampled "
             "independently, 2000 rounds). Total Acc: accuracy on the erased test targets; kept acc: the test-kept "
             "classes; coherence: share of an erased target's pictures classified into its superclass. paper "
             "defaults: the method's bench preset unchanged; tuned: the setting the selection rule picked on the "
-            "development list. tuning fit s: fit seconds of all its development settings; fit s / run: one test "
-            "run (mean over seeds)."))
+            "development list; original model: the unerased model, same prompts and picture seeds (the ceiling for "
+            "kept acc). tuning fit s: fit seconds of all its development settings; fit s / run: one test run (mean over "
+            "seeds)."))
     if summary["differences"]:
         tables.append((
             f"Paired differences against the best baseline ({summary['best_baseline']}, tuned)",
