@@ -167,7 +167,7 @@ def test_the_test_table_aggregates_seeds_and_classes_and_differences_against_the
         # fmn tuned keeps more than uce but forgets too little (0.5 > 0.10): not the best baseline
         test.append(_record("test", "fmn", "default", seed, {"a": 0.5, "b": 0.5}, {"x": 0.95, "y": 0.95}))
     selected = {"sculpting": "s2", "uce": "s1", "fmn": "s2"}  # fmn's choice is its preset: one unit, both rows
-    summary = summarize(p, dev + test, selected, rounds=500)
+    summary = summarize(p, dev + test, selected, same_as_defaults={"fmn"}, rounds=500)
 
     rows = {(r["method"], r["row"]): r for r in summary["test"]}
     assert list(rows) == [("original model", "reference")] + [
@@ -268,3 +268,15 @@ def test_bench_protocol_command_checks_the_file_and_calls_run_protocol(tmp_path,
     bad.write_text(Path(committed).read_text().replace("lam: [0.1", "lamda: [0.1"))
     assert call("--protocol", str(bad)) == 2
     assert "grids.uce.lamda: not a setting of uce" in capsys.readouterr().err
+
+
+def test_a_selected_setting_that_configures_the_method_like_its_preset_is_run_once_per_seed(tmp_path):
+    # The tiny world's UCE preset is {"lam": 0.5}; s1 repeats it and adds guide's default value, s2 differs.
+    p = tiny_protocol(grids={"uce": {"lam": [0.5, 2.0], "guide": ["superclass"]}})
+    world = tiny_world(tmp_path)
+    same = bp.test_units(p, world, {"uce": "s1"})
+    assert [(u.setting, u.seed) for u in same] == [("default", 0), ("default", 1)]
+    assert bp.tuned_is_default(p, world, {"uce": "s1"}) == {"uce"}
+    other = bp.test_units(p, world, {"uce": "s2"})
+    assert [(u.setting, u.seed) for u in other] == [("default", 0), ("s2", 0), ("default", 1), ("s2", 1)]
+    assert bp.tuned_is_default(p, world, {"uce": "s2"}) == set()

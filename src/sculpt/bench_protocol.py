@@ -160,10 +160,25 @@ def test_units(p: Protocol, world: World, selected: dict[str, str], quick: bool 
     for m, chosen in selected.items():
         default = _preset(world, m, {}, quick)
         tuned = _preset(world, m, p.settings(m)[int(chosen[1:]) - 1], quick)
-        settings = [("default", default)] + ([(chosen, tuned)] if tuned != default else [])
+        settings = [("default", default)] + ([] if _same_config(m, tuned, default) else [(chosen, tuned)])
         units += [Unit("test", m, name, seed, preset, concepts, test_kept, n, world.model, world.data, quality=True)
                   for seed in p.seeds for name, preset in settings]
     return units
+
+
+def _same_config(method: str, a: dict, b: dict) -> bool:
+    """Whether two presets configure the method identically (a value given equal to its default counts
+    as not given)."""
+    from sculpt.methods import get_method
+
+    config = get_method(method).config_class
+    return config(**{k: v for k, v in a.items() if k != "name"}) == config(**{k: v for k, v in b.items() if k != "name"})
+
+
+def tuned_is_default(p: Protocol, world: World, selected: dict[str, str], quick: bool = False) -> set[str]:
+    """The methods whose selected setting is their bench preset (one test unit per seed, both rows)."""
+    return {m for m, chosen in selected.items()
+            if _same_config(m, _preset(world, m, p.settings(m)[int(chosen[1:]) - 1], quick), _preset(world, m, {}, quick))}
 
 
 # -- running one unit ------------------------------------------------------------------------------
@@ -425,7 +440,7 @@ def run_protocol(protocol: Protocol | str | Path, out: str | Path, *, world: Wor
     complete = [m for m in p.grids if sum(r["unit"]["method"] == m for r in records) == len(p.settings(m))]
     selected = select_settings(p, records, complete)
     records += _finished(test_units(p, world, selected, quick), out)
-    summary = summarize(p, records, selected)
+    summary = summarize(p, records, selected, same_as_defaults=tuned_is_default(p, world, selected, quick))
     summary["command"] = command
     summary["wall_s_this_call"] = round(time.perf_counter() - t, 1)
     write_protocol_report(out, p, summary, quick=quick)
@@ -452,12 +467,15 @@ def _mean(xs: list) -> float | None:
 SCORED = {"total_acc": "per_concept", "kept_acc": "per_kept", "coherence": "per_coherence"}
 
 
-def summarize(p: Protocol, records: list[dict], selected: dict[str, str], rounds: int = 2000) -> dict[str, Any]:
+def summarize(p: Protocol, records: list[dict], selected: dict[str, str], same_as_defaults: set[str] = frozenset(),
+              rounds: int = 2000) -> dict[str, Any]:
     """From the finished units' records: per method its dev settings (scores, fit seconds) and the
     selected one; the test table, the original model's reference row first, then one "paper defaults"
     and one "tuned" row per method, each score a mean with its 95% bootstrap interval over seeds and classes (protocol.bootstrap_interval); the
     paired differences of every row against the best baseline's tuned row (the same seeds and
-    classes, differenced per (seed, class), then bootstrapped); the compute spent."""
+    classes, differenced per (seed, class), then bootstrapped); the compute spent. same_as_defaults:
+    the methods whose selected setting is their preset (their tuned row is their paper-defaults row);
+    a tuned row whose units are not finished yet is left out."""
     methods = list(dict.fromkeys(r["unit"]["method"] for r in records))
     dev: dict[str, Any] = {}
     for m in methods:
@@ -479,7 +497,7 @@ def summarize(p: Protocol, records: list[dict], selected: dict[str, str], rounds
         if not test:
             continue
         chosen = selected.get(m)
-        tuned_setting = chosen if any(r["unit"]["setting"] == chosen for r in test) else "default"
+        tuned_setting = "default" if m in same_as_defaults else chosen
         for row, setting in (("paper defaults", "default"), ("tuned", tuned_setting)):
             rs = [r for r in test if r["unit"]["setting"] == setting]
             if not rs:
