@@ -116,6 +116,7 @@ def test_a_killed_sweep_resumes_where_it_stopped_and_never_redoes_a_finished_uni
         metrics["forgetting"]["base_per_concept"]
     md = (out / "protocol.md").read_text()
     assert "## Test table" in md and "## Development" in md and "dev_pareto.png" in md
+    assert "| uce | tuned | " + summary["selected"]["uce"] + " | 0, 1 | " in md  # the seeds each row holds
     assert (out / "dev_pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert "data:image/png;base64," in (out / "report.html").read_text()
     assert json.loads((out / "protocol.json").read_text())["selected"] == summary["selected"]

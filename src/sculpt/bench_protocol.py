@@ -595,12 +595,13 @@ def protocol_tables(p: Protocol, summary: dict) -> list[tuple[str, list[str], li
     if summary["test"]:
         tables.append((
             f"Test table: {len(p.test_concepts)} test targets, seeds {p.seeds}, {p.n_test} pictures per prompt",
-            ["method", "row", "setting", "Total Acc ↓ [95%]", "kept acc ↑ [95%]", "coherence ↑ [95%]", "CLIP ↑",
-             "FID ↓", "settings tried", "tuning fit s", "fit s / run"],
+            ["method", "row", "setting", "seeds", "Total Acc ↓ [95%]", "kept acc ↑ [95%]", "coherence ↑ [95%]",
+             "CLIP ↑", "FID ↓", "settings tried", "tuning fit s", "fit s / run"],
             [[r["method"], r["row"], r["setting"] + (" (= defaults)" if r["same_as_defaults"] else ""),
-              _ci(r["total_acc"]), _ci(r["kept_acc"]), _ci(r["coherence"]), _num(r["clip"], ".2f"),
+              ", ".join(map(str, r["seeds"])), _ci(r["total_acc"]), _ci(r["kept_acc"]), _ci(r["coherence"]), _num(r["clip"], ".2f"),
               _num(r["fid"], ".2f"), _num(r["settings_tried"], "d"), _num(r["tuning_fit_s"], ".1f"),
               _num(r["fit_s_per_run"], ".1f")] for r in summary["test"]],
+            "seeds: the training seeds finished (a row with fewer than the protocol's is partial). "
             "Means over seeds and classes with 95% percentile bootstrap intervals (seeds and classes resampled "
             "independently, 2000 rounds). Total Acc: accuracy on the erased test targets; kept acc: the test-kept "
             "classes; coherence: share of an erased target's pictures classified into its superclass. paper "
