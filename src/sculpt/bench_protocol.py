@@ -156,11 +156,11 @@ def test_units(p: Protocol, world: World, selected: dict[str, str], quick: bool 
     _, test_kept = p.kept_split(world.classes)
     concepts = [world.concepts[c] for c in p.test_concepts]
     n = min(p.n_test, 4) if quick else p.n_test
-    units = []
+    units, same = [], tuned_is_default(p, world, selected, quick)
     for m, chosen in selected.items():
         default = _preset(world, m, {}, quick)
         tuned = _preset(world, m, p.settings(m)[int(chosen[1:]) - 1], quick)
-        settings = [("default", default)] + ([] if _same_config(m, tuned, default) else [(chosen, tuned)])
+        settings = [("default", default)] + ([] if m in same else [(chosen, tuned)])
         units += [Unit("test", m, name, seed, preset, concepts, test_kept, n, world.model, world.data, quality=True)
                   for seed in p.seeds for name, preset in settings]
     return units
@@ -471,8 +471,8 @@ def summarize(p: Protocol, records: list[dict], selected: dict[str, str], same_a
               rounds: int = 2000) -> dict[str, Any]:
     """From the finished units' records: per method its dev settings (scores, fit seconds) and the
     selected one; the test table, the original model's reference row first, then one "paper defaults"
-    and one "tuned" row per method, each score a mean with its 95% bootstrap interval over seeds and classes (protocol.bootstrap_interval); the
-    paired differences of every row against the best baseline's tuned row (the same seeds and
+    and one "tuned" row per method, each score a mean with its 95% bootstrap interval over seeds and
+    classes (protocol.bootstrap_interval); the paired differences of every row against the best baseline's tuned row (the same seeds and
     classes, differenced per (seed, class), then bootstrapped); the compute spent. same_as_defaults:
     the methods whose selected setting is their preset (their tuned row is their paper-defaults row);
     a tuned row whose units are not finished yet is left out."""
@@ -510,7 +510,7 @@ def summarize(p: Protocol, records: list[dict], selected: dict[str, str], same_a
                          "clip": _mean([r["result"]["clip"] for r in rs]), "fid": _mean([r["result"]["fid"] for r in rs]),
                          "fit_s_per_run": _mean([r["result"]["fit_s"] for r in rs]),
                          "settings_tried": dev.get(m, {}).get("tried", 0), "tuning_fit_s": dev.get(m, {}).get("fit_s")})
-    reference = _original_row(p, records, rounds)
+    reference = _original_row(records, rounds)
     best = best_baseline(p, rows)
     differences = []
     if best is not None:
@@ -544,7 +544,7 @@ def summarize(p: Protocol, records: list[dict], selected: dict[str, str], same_a
 ORIGINAL = "original model"
 
 
-def _original_row(p: Protocol, records: list[dict], rounds: int) -> dict | None:
+def _original_row(records: list[dict], rounds: int) -> dict | None:
     """The reference row: the original model on the test targets and test-kept classes, per seed from
     the first test unit of that seed that kept its base scores (every unit of a seed evaluates the
     original model on the same pictures), with the same intervals as the methods' rows."""
