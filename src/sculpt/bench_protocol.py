@@ -158,8 +158,7 @@ def test_units(p: Protocol, world: World, selected: dict[str, str], quick: bool 
     n = min(p.n_test, 4) if quick else p.n_test
     units, same = [], tuned_is_default(p, world, selected, quick)
     for m, chosen in selected.items():
-        default = _preset(world, m, {}, quick)
-        tuned = _preset(world, m, p.settings(m)[int(chosen[1:]) - 1], quick)
+        default, tuned = _default_and_selected(p, world, m, chosen, quick)
         settings = [("default", default)] + ([] if m in same else [(chosen, tuned)])
         units += [Unit("test", m, name, seed, preset, concepts, test_kept, n, world.model, world.data, quality=True)
                   for seed in p.seeds for name, preset in settings]
@@ -177,8 +176,12 @@ def _same_config(method: str, a: dict, b: dict) -> bool:
 
 def tuned_is_default(p: Protocol, world: World, selected: dict[str, str], quick: bool = False) -> set[str]:
     """The methods whose selected setting is their bench preset (one test unit per seed, both rows)."""
-    return {m for m, chosen in selected.items()
-            if _same_config(m, _preset(world, m, p.settings(m)[int(chosen[1:]) - 1], quick), _preset(world, m, {}, quick))}
+    return {m for m, chosen in selected.items() if _same_config(m, *_default_and_selected(p, world, m, chosen, quick))}
+
+
+def _default_and_selected(p: Protocol, world: World, method: str, chosen: str, quick: bool) -> tuple[dict, dict]:
+    """The method's bench preset and its selected setting ("s<k>", the k-th of its grid) on top of it."""
+    return _preset(world, method, {}, quick), _preset(world, method, p.settings(method)[int(chosen[1:]) - 1], quick)
 
 
 # -- running one unit ------------------------------------------------------------------------------
@@ -472,8 +475,9 @@ def summarize(p: Protocol, records: list[dict], selected: dict[str, str], same_a
     """From the finished units' records: per method its dev settings (scores, fit seconds) and the
     selected one; the test table, the original model's reference row first, then one "paper defaults"
     and one "tuned" row per method, each score a mean with its 95% bootstrap interval over seeds and
-    classes (protocol.bootstrap_interval); the paired differences of every row against the best baseline's tuned row (the same seeds and
-    classes, differenced per (seed, class), then bootstrapped); the compute spent. same_as_defaults:
+    classes (protocol.bootstrap_interval); the paired differences of every row against the best
+    baseline's tuned row (the same seeds and classes, differenced per (seed, class), then
+    bootstrapped); the compute spent. same_as_defaults:
     the methods whose selected setting is their preset (their tuned row is their paper-defaults row);
     a tuned row whose units are not finished yet is left out."""
     methods = list(dict.fromkeys(r["unit"]["method"] for r in records))
