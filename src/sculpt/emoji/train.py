@@ -324,11 +324,39 @@ def finish_vae(run: Run, vae: AutoencoderKL, seed: int) -> None:
 # UNet: epsilon prediction on VAE latents, text states from the frozen encoder, EMA weights exported
 
 
+def kept_class_ids(leave_out: str | None) -> list[int] | None:
+    """The classes the UNet's training stream shows: all of them, or all but `leave_out` (comma-separated
+    class names, or the name of a concept list of sculpt.emoji.lists). Leaving classes out is the
+    retrained reference ("oracle"): the stream stays class-balanced, so each kept class is shown
+    N / (N - k) times as often; the captions and words of the left-out classes stay in the frozen text
+    encoder, and their pictures never reach the UNet."""
+    if not leave_out:
+        return None
+    from sculpt.emoji.lists import load_lists
+
+    tax = load_taxonomy()
+    lists = load_lists()
+    names = lists.get(leave_out) if leave_out in lists.names() else [n.strip() for n in leave_out.split(",")]
+    out = {tax[n].id for n in names}  # KeyError names an unknown class
+    return [c.id for c in tax.classes if c.id not in out]
+
+
+def load_trained_vae(path: str | Path) -> AutoencoderKL:
+    """The VAE stage's run folder (its final/ export) or a diffusers VAE folder (e.g. the shipped
+    pipeline's vae/, stored in fp16 and loaded here in fp32)."""
+    path = Path(path)
+    folder = path / "final" if (path / "final").is_dir() else path
+    return AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32).float().eval()
+
+
 def train_unet(args) -> None:
+    if args.leave_out and Path(args.export_dir).resolve() == classifier_lib.WEIGHTS_PATH.parent.resolve():
+        raise SystemExit("--leave-out trains a reference model: give it its own --export-dir; the shipped "
+                         "weights are never overwritten")
     run = Run(args.out)
     if run.finished(args.steps):
         return
-    vae = AutoencoderKL.from_pretrained(Path(args.vae) / "final").eval().requires_grad_(False)
+    vae = load_trained_vae(args.vae).requires_grad_(False)
     unet = new_unet()
     ema = copy.deepcopy(unet).requires_grad_(False)
     scheduler = train_scheduler()
@@ -362,8 +390,8 @@ def train_unet(args) -> None:
         if step % args.export_every == 0 and step < args.steps:
             export_unet(run, vae, ema, args.export_dir, step)
 
-    train_loop(run, args, EmojiDataset(seed=args.seed), {"unet": unet, "ema": ema}, list(unet.parameters()),
-               loss_fn, on_step, schedule="constant", warmup=500)
+    train_loop(run, args, EmojiDataset(seed=args.seed, classes=kept_class_ids(args.leave_out)),
+               {"unet": unet, "ema": ema}, list(unet.parameters()), loss_fn, on_step, schedule="constant", warmup=500)
     export_unet(run, vae, ema, args.export_dir, args.steps)
     run.mark_finished(args.steps)
 
@@ -390,6 +418,8 @@ def export_unet(run: Run, vae: AutoencoderKL, unet: UNet2DConditionModel, export
     canvas = canvas.view(rows, 8, 3, 32, 32).permute(2, 0, 3, 1, 4).reshape(3, rows * 32, 8 * 32)
     Image.fromarray((canvas.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(run.out / f"samples_{step:06d}.png")
     clf_path = export_dir / classifier_lib.WEIGHTS_PATH.name
+    if not clf_path.exists():  # an oracle's folder holds no classifier: judge with the shipped one
+        clf_path = classifier_lib.WEIGHTS_PATH
     if clf_path.exists():
         acc = (classifier_lib.load_classifier(clf_path).predict(images).argmax(-1) == labels).float().mean().item()
         run.log(f"step {step}: classifier accuracy on {len(images)} generated class pictures {acc:.4f}")
@@ -418,7 +448,7 @@ def export_stage(args) -> None:
         vae.load_state_dict(state["modules"]["vae"])
         finish_vae(run, vae, args.seed)
     else:
-        vae = AutoencoderKL.from_pretrained(Path(args.vae) / "final").eval()
+        vae = load_trained_vae(args.vae)
         ema = new_unet()
         ema.load_state_dict(state["modules"]["ema"])
         export_unet(run, vae, ema, args.export_dir, state["step"])
@@ -447,6 +477,9 @@ def main(argv=None) -> None:
             p.add_argument("--vae", type=Path, required=True, help="the vae stage's run folder")
             p.add_argument("--ema-decay", type=float, default=0.999)
             p.add_argument("--export-every", type=int, default=2000)
+            p.add_argument("--leave-out", default=None,
+                           help="train without these classes' pictures (comma-separated names, or a list "
+                                "of sculpt.emoji.lists, e.g. sealed): the retrained reference")
     p = sub.add_parser("export")
     p.add_argument("stage", choices=list(defaults))
     p.add_argument("--out", type=Path, required=True)
