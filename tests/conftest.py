@@ -18,8 +18,9 @@ def tiny_pipe():
     return tiny_pipeline(seed=0)
 
 
-def tiny_spec(tmp_path, concepts=None, method=None, mode="sequential", **data):
-    """A validated RunConfig for the tiny pipeline: few images, few steps."""
+def tiny_spec(tmp_path, concepts=None, method=None, mode="sequential", check=None, **data):
+    """A validated RunConfig for the tiny pipeline: few images, few steps; the presence check off unless
+    `check` is given (the tiny model draws noise: tests of the check turn it on)."""
     from sculpt.config import RunConfig
 
     method = method or {}
@@ -30,5 +31,6 @@ def tiny_spec(tmp_path, concepts=None, method=None, mode="sequential", **data):
                             {"name": "car", "superclass": "vehicle", "synonyms": ["automobile"]}]
     return RunConfig(
         model="tiny", output=str(tmp_path / "run"), mode=mode, method=method, concepts=concepts,
+        check=check or {"enabled": False},
         data={"n_images": 4, "num_inference_steps": 2, "batch_size": 4, "cache_dir": str(tmp_path / "cache"), **data},
     )

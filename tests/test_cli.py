@@ -26,7 +26,7 @@ def model_dir(tmp_path_factory):
 def test_erase_generate_apply(tmp_path, model_dir):
     spec = {"model": str(model_dir), "output": "out",
             "method": {"lr": 1e-3, "epochs": 1, "steps_per_epoch": 4, "warmup_steps": 1},
-            "data": {"n_images": 2, "num_inference_steps": 2, "batch_size": 2},
+            "data": {"n_images": 2, "num_inference_steps": 2, "batch_size": 2}, "check": {"enabled": False},
             "concepts": [{"name": "cat", "superclass": "animal"}]}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     r = sculpt("erase", "spec.yaml", "--quiet", cwd=tmp_path)

@@ -40,3 +40,9 @@ def test_erasing_one_target_lowers_it_and_keeps_a_distant_class(tmp_path):
     assert before[0] >= 0.5, f"the base model does not draw a {TARGET} ({before[0]:.2f})"
     assert after[0] <= before[0] - 0.4, f"{TARGET}: {before[0]:.2f} -> {after[0]:.2f}"
     assert after[1] >= before[1] - 0.2, f"{DISTANT}: {before[1]:.2f} -> {after[1]:.2f}"
+    # The stage ended on the emoji world's presence check (its scorer, never the evaluation's classifier):
+    # extra rounds only while the share was above the bar, and the summary agrees with the last share.
+    check = result.stages[0]["check"]
+    shares = [s[TARGET] for s in check["shares"]]
+    assert check["judge"] == "emoji scorer (zero-shot)" and check["extra_rounds"] == len(shares) - 1
+    assert all(s > check["max_share"] for s in shares[:-1]) and check["gone"] == (shares[-1] <= check["max_share"])

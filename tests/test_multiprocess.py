@@ -40,6 +40,7 @@ concepts:
   - {{name: cat, superclass: animal}}
   - {{name: car, superclass: vehicle, synonyms: [automobile]}}
 data: {{n_images: 4, num_inference_steps: 2, batch_size: {batch_size}, cache_dir: {tmp_path / cache}}}
+check: {{enabled: false}}
 {train}""")
     return spec
 

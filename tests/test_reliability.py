@@ -32,7 +32,7 @@ def write_spec(folder, model_dir, steps=30, concepts=CONCEPTS, train=None, **met
             "method": {"lr": 1e-3, "epochs": 2, "steps_per_epoch": steps, "warmup_steps": 2,
                        "mask_update_every": 10, **method},
             "data": {"n_images": 2, "num_inference_steps": 2, "batch_size": 2, "cache_dir": "cache"},
-            "concepts": concepts}
+            "check": {"enabled": False}, "concepts": concepts}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "spec.yaml").write_text(yaml.safe_dump(spec))
     return folder / "spec.yaml"

@@ -23,8 +23,16 @@ def test_a_known_class_gets_its_superclass_synonyms_and_its_nearest_prompts(emoj
     assert "tropical fish" not in words and not set(s.synonyms) & set(words)
     sims = [v for _, v in s.neighbours]
     assert sims == sorted(sims, reverse=True) and words[0] == "fish"  # its sibling class tops the list
-    e = encode_prompts(pipe, ["a photo of a tropical fish", "a photo of a fish"]).flatten(1)
-    assert sims[0] == pytest.approx(torch.nn.functional.cosine_similarity(e[:1], e[1:]).item(), abs=1e-6)
+    # pooled: the mean of each prompt's unpadded token states, centred on the prompts compared
+    ranked = [c.name for c in tax.classes if c.name not in {"tropical fish", *s.synonyms}]
+    prompts = [f"a photo of a {w}" for w in ["tropical fish", *ranked]]
+    states = encode_prompts(pipe, prompts)
+    mask = pipe.tokenizer(prompts, padding="max_length", max_length=states.shape[1], return_tensors="pt").attention_mask
+    pooled = (states * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True)
+    pooled = pooled - pooled.mean(0)
+    fish = 1 + ranked.index("fish")
+    assert sims[0] == pytest.approx(torch.nn.functional.cosine_similarity(pooled[:1], pooled[fish:fish + 1]).item(),
+                                    abs=1e-4)
     assert "superclass: fish" in s.spec_yaml()
 
 
@@ -129,10 +137,63 @@ def test_run_neighbours_keeps_the_nearest_and_optionally_the_siblings_never_what
     assert [len(v) for v in plain.values()] == [4, 4]
     with_sib = run_neighbours(pipe, [saw, lorry], [saw, lorry], 4, vocab, "a photo of a {}", default_siblings("emoji"))
     words = {n: [w for w, _ in v] for n, v in with_sib.items()}
-    assert words["carpentry saw"][:4] == ["hammer", "wrench", "screwdriver", "pick"]
-    assert words["carpentry saw"][4:] == [w for w, _ in plain["carpentry saw"] if w not in words["carpentry saw"][:4]]
+    siblings = ["hammer", "wrench", "screwdriver", "pick"]
+    near = [w for w, _ in plain["carpentry saw"]]
+    assert words["carpentry saw"] == [w for w in siblings if w not in near] + near  # siblings first, each once
     for n, ws in words.items():
         assert not {"carpentry saw", "articulated lorry", tax[n].superclass} & set(ws) and len(ws) == len(set(ws))
     with pytest.raises(ValueError, match="both kept and erased"):
         run_neighbours(pipe, [Concept(name="bus", superclass="vehicle", neighbours=["articulated lorry"])], [lorry],
                        4, vocab, "a photo of a {}")
+
+
+def test_neighbours_are_ranked_by_meaning_not_by_prompt_length(emoji):
+    """Flattened padded states made prompts of the same token count look alike (church -> house, dog,
+    pizza, fish); the pooled states of the real tokens put the other buildings first."""
+    from sculpt.data.neighbours import similarities
+
+    pipe, tax = emoji
+    words = [c.name for c in tax.classes if c.name != "church"]
+    buildings = {c.name for c in tax.members_of("building")} - {"church"}
+    assert {w for w, _ in similarities(pipe, "church", words)[:4]} == buildings
+    assert {w for w, _ in similarities(pipe, "church", words, how="tokens")[:4]} != buildings
+
+
+def _wordnet_church(tmp_path):
+    """church (church building) with its hyponyms cathedral and chapel, and an unrelated house."""
+    entries = [("church", ["church", "church_building"], ["cathedral", "chapel"]), ("cathedral", ["cathedral"], []),
+               ("chapel", ["chapel"], []), ("house", ["house"], [])]
+    header = "  1 a tiny stand-in for WordNet 3.0's data.noun\n"
+    width = {k: len(_hypo_line(0, w, [0] * len(h)).encode()) for k, w, h in entries}
+    offsets, at = {}, len(header.encode())
+    for k, _, _ in entries:
+        offsets[k] = at
+        at += width[k]
+    lines = [_hypo_line(offsets[k], w, [offsets[x] for x in h]) for k, w, h in entries]
+    (tmp_path / "data.noun").write_text(header + "".join(lines))
+    index = "".join(f"{w.lower()} n 1 1 ~ 1 0 {offsets[k]:08d}  \n" for k, words, _ in entries for w in words)
+    (tmp_path / "index.noun").write_text("  1 licence\n" + index)
+    return tmp_path
+
+
+def _hypo_line(offset, words, hyponyms) -> str:
+    pointers = f"{len(hyponyms):03d}" + "".join(f" ~ {h:08d} n 0000" for h in hyponyms)
+    return f"{offset:08d} 06 n {len(words):02x} " + " ".join(f"{w} 0" for w in words) + f" {pointers} | a gloss\n"
+
+
+def test_a_synonym_or_a_kind_of_the_concept_is_never_its_neighbour(tmp_path, emoji):
+    """WordNet's lemma synonyms and hyponyms of the concept are the concept: keeping "cathedral" would
+    keep a way to draw "church". The held-out classes of a run are never neighbours either."""
+    from sculpt.config import Concept
+    from sculpt.data.neighbours import run_neighbours
+    from sculpt.data.wordnet import WordNet
+
+    pipe, _ = emoji
+    wn = WordNet(_wordnet_church(tmp_path))
+    assert wn.same_or_below("church") == {"church", "church building", "cathedral", "chapel"}
+    church = Concept(name="church", superclass="building")
+    vocab = ["cathedral", "church building", "chapel", "house", "castle", "dog"]
+    without = run_neighbours(pipe, [church], [church], 6, vocab, "a photo of a {}")
+    assert {"cathedral", "chapel", "church building"} <= {w for w, _ in without["church"]}
+    kept = run_neighbours(pipe, [church], [church], 6, vocab, "a photo of a {}", wordnet=wn, held_out=["castle"])
+    assert [w for w, _ in kept["church"]] and {w for w, _ in kept["church"]} <= {"house", "dog"}

@@ -8,6 +8,9 @@ from pathlib import Path
 
 from sculpt.config import SpecError
 
+# `sculpt erase` finished and wrote its patch, but the presence check still finds a concept drawn.
+ERASE_INCOMPLETE = 3
+
 
 def cmd_erase(args) -> int:
     from sculpt.config import load_spec
@@ -16,11 +19,19 @@ def cmd_erase(args) -> int:
     cfg = load_spec(args.spec)
     if args.output:
         cfg.output = args.output
+    from sculpt.erase import remaining_concepts
+
     result = erase(cfg, progress=not args.quiet)
+    remaining = remaining_concepts(result.stages)
     if result.main_process:  # under `accelerate launch` the other processes have nothing to say
+        forgot = [c for c in result.patch.concepts if c not in remaining]
         print(f"patch: {result.patch_path} ({len(result.patch.tensors)} tensors, "
-              f"{result.patch.nbytes() / 1e6:.2f} MB); forgot {', '.join(result.patch.concepts)}")
-    return 0
+              f"{result.patch.nbytes() / 1e6:.2f} MB); forgot {', '.join(forgot) or 'nothing'}")
+        if remaining:
+            print(f"sculpt erase: still drawn after the last extra round: {', '.join(remaining)} (the presence "
+                  "check's bound, check.max_rounds, was reached; see summary.json and MODEL_CARD.md)",
+                  file=sys.stderr)
+    return ERASE_INCOMPLETE if remaining else 0
 
 
 def _load(model: str, patches: list[str], force: bool, device: str):

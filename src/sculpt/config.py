@@ -164,6 +164,16 @@ class TrainConfig(_Strict):
         "step). A run killed mid-stage resumes from the last one; results do not depend on this setting.")
 
 
+class CheckConfig(_Strict):
+    """When a stage counts as done: its concepts no longer drawn (sculpt.presence)."""
+
+    enabled: bool = Field(True, description="check after each stage that its concepts are gone")
+    pictures: int = Field(32, ge=1, description="pictures per check (check seeds, disjoint from evaluation's)")
+    max_share: float = Field(0.05, ge=0, le=1, description="gone: at most this share of them show the concept")
+    max_rounds: int = Field(4, ge=0, description="extra training rounds at most (methods that can go on)")
+    round_epochs: int = Field(1, ge=1, description="epochs of the method's schedule per extra round")
+
+
 class RunConfig(_Strict):
     """A whole erasure run: model, concepts in order, mode, method and its settings."""
 
@@ -178,10 +188,16 @@ class RunConfig(_Strict):
                     "the patches.",
     )
     mode: Literal["sequential", "simultaneous"] = "sequential"
+    unprotected: list[str] = Field(
+        default_factory=list,
+        description="Classes no neighbour set of this run may hold: kept by no method, so their accuracy "
+                    "shows the damage nobody guarded against (the lists file's unprotected siblings).",
+    )
     seed: int = 0
     method: dict[str, Any] = Field(default_factory=lambda: {"name": "sculpting"})
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    check: CheckConfig = Field(default_factory=CheckConfig)
     concepts: list[Concept] = Field(min_length=1)
 
     @field_validator("method", mode="before")

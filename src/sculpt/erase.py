@@ -45,6 +45,7 @@ from sculpt import ledger
 from sculpt.config import Concept, DataConfig, RunConfig
 from sculpt.data.anchors import default_judge
 from sculpt.data.neighbours import default_siblings, default_vocabulary, run_neighbours
+from sculpt.presence import default_check
 from sculpt.data.prepare import (ConceptData, check_image_size, encode_unconditional, image_size, prepare_concept_data,
                                  prepare_neighbours)
 from sculpt.io import atomic_write, atomic_write_text
@@ -288,6 +289,43 @@ def erase(cfg: RunConfig, pipe=None, progress: bool = True) -> EraseResult:
         handler.close()
 
 
+def neighbour_rule(cfg: RunConfig, k: int, siblings: bool) -> dict[str, Any]:
+    """Everything a concept's neighbour list follows from, besides what the run erases: recorded with
+    each erased concept in the patch, so a run stacked on it recomputes that concept's list by its own
+    run's rule (and erases both lists' concepts from it), as one run over both lists would."""
+    return {"k": k, "siblings": siblings, "vocabulary": default_vocabulary(cfg.model, cfg.data.vocabulary),
+            "template": cfg.data.prompt_template, "held_out": list(cfg.unprotected)}
+
+
+def _neighbours(pipe, cfg: RunConfig, stack: Stack, every: list, k: int, siblings: bool) -> dict[str, list]:
+    """Each erased concept's neighbours to keep. A concept carried from the patches follows its own
+    run's rule (k, vocabulary, siblings, template, held-out classes: recorded in the patch); only
+    patches written before the rule was recorded get this run's. Nothing erased by either is kept."""
+    from sculpt.data.wordnet import WordNet, find_wordnet
+
+    ours = neighbour_rule(cfg, k, siblings)
+    rules = {c.name: e.get("neighbour_rule") for c, e in zip(stack.concepts, stack.erased)}
+    old = [n for n, r in rules.items() if r is None]
+    if old:
+        log.warning("the patches do not record the neighbour rule of %s: this run's is used", ", ".join(old))
+    root = find_wordnet()
+    wordnet = WordNet(root) if root is not None else None
+    out = {}
+    try:
+        for c in every:
+            rule = rules.get(c.name) or ours
+            if not (rule["k"] or rule["siblings"]):
+                out[c.name] = []
+                continue
+            out.update(run_neighbours(pipe, [c], every, rule["k"], rule["vocabulary"], rule["template"],
+                                      default_siblings(cfg.model) if rule["siblings"] else None,
+                                      held_out=rule["held_out"], wordnet=wordnet))
+    finally:
+        if wordnet is not None:
+            wordnet.close()
+    return out
+
+
 def _stage_neighbours(neighbours: dict[str, list], erased_so_far: list[str]) -> list[str]:
     """A stage keeps the neighbours of every concept erased so far (this stage's included), each once."""
     return list(dict.fromkeys(w for n in erased_so_far for w, _ in neighbours.get(n, [])))
@@ -312,9 +350,8 @@ def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, mid_stage, pr
                                             progress=progress and accelerator.is_main_process, judge=judge,
                                             processes=processes)
     # Neighbour-aware methods: the concepts to keep near each erased one, with their images.
-    neighbours = run_neighbours(pipe, every, every, k, default_vocabulary(cfg.model, cfg.data.vocabulary),
-                                cfg.data.prompt_template,
-                                default_siblings(cfg.model) if siblings else None) if k or siblings else {}
+    neighbours = _neighbours(pipe, cfg, stack, every, k, siblings)
+    neighbours = neighbours if any(neighbours.values()) or k or siblings else {}
     neighbour_data = prepare_neighbours(pipe, [w for ws in neighbours.values() for w, _ in ws], cfg.data,
                                         cfg.seed, cache, origin_hash, progress and accelerator.is_main_process,
                                         processes)
@@ -324,6 +361,7 @@ def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, mid_stage, pr
             log.info("%s: neighbours kept %s", c.name, ", ".join(w for w, _ in neighbours[c.name]) or "none")
     empty = encode_unconditional(pipe)
     log.info("data ready in %.1fs (cache %s)", time.perf_counter() - t0, cache)
+    presence = default_check(cfg.model, cfg.check) if cfg.check.enabled else None
 
     for patch in stack.patches:  # their chain was checked by read_stack: the result is hashed once
         apply_patch(pipe, patch, check_hash=False)
@@ -391,6 +429,7 @@ def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, mid_stage, pr
             resume=mid_stage if i == done_stages else None, checkpoint_every_s=cfg.train.checkpoint_every_s,
             save_progress=(lambda tensors, meta, i=i: save_progress(out, i, config_hash(cfg), tensors, meta))
             if accelerator.is_main_process else None,
+            check=cfg.check, presence=presence, template=cfg.data.prompt_template,
         )
         start = {n: p.detach().clone() for n, p in trainable.items()}  # the last good state
         t_stage = time.perf_counter()
@@ -409,6 +448,13 @@ def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, mid_stage, pr
             raise RunError(f"stage {i + 1} ({', '.join(names)}) {what}; the model is kept as after stage {i} "
                            f"({out / 'checkpoint.safetensors' if i else 'the base model'}); "
                            "run the same command again to resume") from exc
+        if ctx.presence_check is not None and "check" not in summary:  # a method that cannot go on: say so
+            summary["check"] = ctx.check_summary([ctx.presence_check()])
+        if "check" in summary and not summary["check"]["gone"]:
+            log.warning("stage %d: still drawn after %d extra round(s): %s (share of %d check pictures: %s); "
+                        "the run goes on, and its summary, ledger and model card say so", i + 1,
+                        summary["check"]["extra_rounds"], ", ".join(summary["check"]["remaining"]),
+                        cfg.check.pictures, summary["check"]["shares"][-1])
         seconds = time.perf_counter() - t_stage
         if bar:
             bar.close()
@@ -423,7 +469,9 @@ def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, mid_stage, pr
             "data_keys": {n: data[n].key for n in done}, "stage": i + 1, "versions": versions(),
             "stages_total": stack.stages + i + 1,
             "erased": [erased_before.get(n) or {"concept": specs[n].model_dump(mode="json"),
-                                                "data": cfg.data.model_dump(mode="json"), "seed": cfg.seed}
+                                                "data": cfg.data.model_dump(mode="json"), "seed": cfg.seed,
+                                                "neighbour_rule": neighbour_rule(cfg, k, siblings),
+                                                "neighbours": [w for w, _ in neighbours.get(n, [])]}
                        for n in carried + done],
         }, method_state=method.state_dict())
         stage_path = out / "stages" / f"{i + 1:02d}-{slug('+'.join(names))}.safetensors"
@@ -456,15 +504,22 @@ def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, mid_stage, pr
         save_patch(patch, patch_path)
         ledger.append(out / "ledger.jsonl", "final", concepts=done, base_hash=base_hash,
                       result_hash=patch.metadata.get("result_hash"),
-                      files={patch_path.name: ledger.file_sha256(patch_path)})
+                      files={patch_path.name: ledger.file_sha256(patch_path)},
+                      **({"still_drawn": remaining_concepts(summaries)} if cfg.check.enabled else {}))
         atomic_write_text(out / "summary.json", json.dumps(
             {"base_model": cfg.model, "base_hash": base_hash, "method": method.name,
-             "stages": summaries, "patch": patch_path.name, "patch_bytes": patch.nbytes()}, indent=2))
+             "stages": summaries, "patch": patch_path.name, "patch_bytes": patch.nbytes(),
+             "still_drawn": remaining_concepts(summaries)}, indent=2))
         write_model_card(out)
     if done_stages == len(stages):
         patch = load_patch(patch_path)
         log.info("%s: the run was already complete", out)
     return EraseResult(out, patch_path, patch, summaries, pipe, accelerator.is_main_process)
+
+
+def remaining_concepts(summaries: list[dict[str, Any]]) -> list[str]:
+    """The concepts whose stage ended with the presence check still finding them (sculpt.presence)."""
+    return [c for s in summaries for c in s.get("check", {}).get("remaining", [])]
 
 
 def _check_processes_agree(accelerator, trainable: dict[str, torch.Tensor], method, stage: int) -> None:

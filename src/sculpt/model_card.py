@@ -39,6 +39,19 @@ def model_card(run: str | Path) -> str:
     for e in stages:
         for c in e["concepts"]:
             lines.append(f"| {e['stage']} | {c} | {e['superclasses'].get(c, '')} | {e['seconds']:.0f} |")
+    checks = [e["summary"]["check"] for e in stages if "check" in e.get("summary", {})]
+    remaining = [c for ch in checks for c in ch["remaining"]]
+    if checks:
+        judge = checks[0]
+        lines += ["", f"Each stage ended with a presence check ({judge['judge']}, {judge['pictures']} pictures on "
+                  f"seeds the evaluation never uses; gone: at most {judge['max_share']:.0%} show the concept)."]
+        if remaining:
+            lines.append(f"**Still drawn when the run ended: {', '.join(remaining)}** (the bound on extra training "
+                         "rounds was reached; the erasure of these concepts is incomplete).")
+        else:
+            lines.append("Every concept passed it"
+                         + (f", {sum(ch['extra_rounds'] for ch in checks)} extra round(s) in all." if any(
+                             ch["extra_rounds"] for ch in checks) else " within the published budget."))
     lines += ["", "## Settings", "", "```json", json.dumps(cfg["method"], indent=2), "```", "",
               "## Measured effect", ""]
     if evals:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sculpt.config import CheckConfig
 from sculpt.data.prepare import ConceptData, NeighbourData
 from sculpt.models.conditioning import conditioning
 
@@ -53,6 +54,10 @@ class StageContext:
     save_progress: Callable[[dict[str, torch.Tensor], dict[str, Any]], None] | None = None
     checkpoint_every_s: float = 300.0
     _last_save: float = field(default=0.0, init=False, repr=False)
+    # The presence check (sculpt.presence): is each of this stage's concepts still drawn? None: no check.
+    check: CheckConfig = field(default_factory=CheckConfig)
+    presence: Any = None  # a sculpt.presence.PresenceCheck
+    template: str = "a photo of a {}"
 
     def __post_init__(self):
         self.generator = torch.Generator().manual_seed(self.seed + 7919 * self.accelerator.process_index)
@@ -263,6 +268,36 @@ class StageContext:
 
             due = bool(broadcast(torch.tensor([int(due)], device=self.device), from_process=0).item())
         return due
+
+    # -- the presence check (beyond the paper: a stage ends when its concepts are gone) ----------------
+
+    @property
+    def presence_check(self) -> Callable[[], dict[str, float]] | None:
+        """() -> {concept: share of the check's pictures still showing it}, or None without a check."""
+        if self.presence is None or not self.check.enabled:
+            return None
+
+        def run() -> dict[str, float]:
+            with torch.no_grad():
+                return self.presence(self.pipe, [d.concept for d in self.concepts], self.template)
+
+        return run
+
+    def start_presence_check(self) -> None:
+        """Let the check see the model as the stage got it (the diffusion classifier draws its pictures)."""
+        if self.presence_check is not None:
+            with torch.no_grad():
+                self.presence.start(self.pipe, [d.concept for d in self.concepts], self.template)
+
+    def concepts_gone(self, shares: dict[str, float]) -> bool:
+        return all(v <= self.check.max_share for v in shares.values())
+
+    def check_summary(self, checks: list[dict[str, float]]) -> dict[str, Any]:
+        """What the stage's summary, the ledger and the model card say about the check."""
+        return {"judge": getattr(self.presence, "name", "?"), "pictures": self.check.pictures,
+                "max_share": self.check.max_share, "shares": checks, "extra_rounds": len(checks) - 1,
+                "gone": self.concepts_gone(checks[-1]),
+                "remaining": sorted(c for c, v in checks[-1].items() if v > self.check.max_share)}
 
     def write_progress(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Save a method's snapshot (every process calls it; the main one writes)."""

@@ -89,7 +89,15 @@ def suggest(concept: str, pipe, vocabulary: list[str] | None = None, taxonomy=No
     words = vocabulary if vocabulary is not None else [c.name for c in taxonomy.classes] if taxonomy else []
     if not words:
         raise ValueError("suggest: no vocabulary to rank (give --vocabulary FILE, one word or phrase per line)")
+    if wordnet is True:
+        from sculpt.data.wordnet import WordNet, find_wordnet
+
+        root = find_wordnet()
+        wordnet = WordNet(root) if root is not None else None
     skip = {w.casefold() for w in [concept, *synonyms, *(m.name for m in members)]}
+    if wordnet:  # a synonym or a kind of the concept is the concept, never a neighbour (sculpt.data.neighbours)
+        for w in [concept, *synonyms]:
+            skip |= wordnet.same_or_below(w)
     ranked = similarities(pipe, concept, [w for w in dict.fromkeys(words) if w.casefold() not in skip], template)
     notes = []
     if members:
@@ -158,17 +166,12 @@ def check_anchor(pipe, s: Suggestion, judge, data: DataConfig | None = None, n: 
 
 def _wordnet_superclass(pipe, concept: str, template: str, wordnet, notes: list[str]) -> tuple[str | None, str]:
     """The WordNet hypernym of the concept most similar to it in the model's text space, and why."""
-    from sculpt.data.wordnet import WordNet, find_wordnet
-
-    if wordnet is True:
-        root = find_wordnet()
-        wordnet = WordNet(root) if root is not None else None
     if not wordnet:
         return None, ("no taxonomy for this model and no WordNet installed (apt-get install wordnet-base, or "
                       "$SCULPT_WORDNET): choose a superclass the model draws well")
     candidates = wordnet.hypernyms(concept, depth=5)
     if not candidates:
         return None, f"WordNet has no noun {concept!r}: choose a superclass the model draws well"
-    ranked = similarities(pipe, concept, candidates, template)
+    ranked = similarities(pipe, concept, candidates, template, how="tokens")  # superclass words: unchanged rule
     notes.append("WordNet hypernyms by similarity: " + ", ".join(f"{w} {v:.3f}" for w, v in ranked[:6]))
     return ranked[0][0], f"the WordNet hypernym most similar to it in the model's text space ({ranked[0][1]:.3f})"

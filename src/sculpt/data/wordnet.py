@@ -60,19 +60,42 @@ class WordNet:
                     self._index[parts[0]] = [int(x) for x in parts[4 + p_cnt + 2: 4 + p_cnt + 2 + synsets]]
         return self._index.get(word.strip().lower().replace(" ", "_"), [])
 
-    def synset(self, offset: int) -> tuple[list[str], list[int]]:
-        """(lemmas, hypernym offsets) of the synset at `offset`."""
+    def _read(self, offset: int) -> tuple[list[str], list[tuple[str, int]]]:
+        """(lemmas, [(pointer symbol, target offset)]) of the noun synset at `offset`."""
         self._data.seek(offset)
         parts = self._data.readline().decode("utf-8").split(" | ")[0].split()
         n_words = int(parts[3], 16)
         lemmas = [parts[4 + 2 * i].replace("_", " ") for i in range(n_words)]
         at = 4 + 2 * n_words
-        hypernyms = []
+        pointers = []
         for i in range(int(parts[at])):
-            symbol, target = parts[at + 1 + 4 * i], parts[at + 2 + 4 * i]
-            if symbol in ("@", "@i"):
-                hypernyms.append(int(target))
-        return lemmas, hypernyms
+            symbol, target, pos = parts[at + 1 + 4 * i], parts[at + 2 + 4 * i], parts[at + 3 + 4 * i]
+            if pos == "n":
+                pointers.append((symbol, int(target)))
+        return lemmas, pointers
+
+    def synset(self, offset: int) -> tuple[list[str], list[int]]:
+        """(lemmas, hypernym offsets) of the synset at `offset`."""
+        lemmas, pointers = self._read(offset)
+        return lemmas, [t for sym, t in pointers if sym in ("@", "@i")]
+
+    def same_or_below(self, word: str, limit: int = 5000) -> set[str]:
+        """Every lemma that names the word or a kind of it: the lemmas of all its noun senses (its
+        synonyms) and of all their hyponyms ("~", and "~i" for instances), transitively, casefolded
+        ("church" -> church building, cathedral, chapel, ...). At most `limit` synsets are read."""
+        out: set[str] = set()
+        level, seen = list(self.senses(word)), set(self.senses(word))
+        while level and len(seen) <= limit:
+            nxt = []
+            for offset in level:
+                lemmas, pointers = self._read(offset)
+                out.update(w.casefold() for w in lemmas)
+                for sym, target in pointers:
+                    if sym in ("~", "~i") and target not in seen:
+                        seen.add(target)
+                        nxt.append(target)
+            level = nxt
+        return out
 
     def hypernyms(self, word: str, depth: int = 4, senses: int = 2) -> list[str]:
         """Lemmas of the hypernyms of the word's first `senses` senses, level by level up to `depth`,

@@ -81,7 +81,13 @@ class DynamicMask:
 
     @torch.no_grad()
     def initialise(self) -> None:
-        """Top-p of each matrix's free entries by accumulated importance; then reset importance."""
+        """Top-p of each matrix's free entries by accumulated importance; then reset importance.
+
+        Refuses all-zero importance (no warm-up step reached the mask, or every one overflowed): the
+        top-p of zeros is a block of positions, not a choice."""
+        if self.density < 1 and not any(bool(self._scores(n).any()) for n in self.params):
+            raise RuntimeError("the Dynamic Mask has no importance to choose its first entries from (no warm-up "
+                               "step gave a finite gradient); run at least one warm-up step")
         for n in self.params:
             scores = self._scores(n).flatten().masked_fill(self.frozen[n].flatten(), -math.inf)
             active = torch.zeros_like(scores, dtype=torch.bool)

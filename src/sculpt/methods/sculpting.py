@@ -21,6 +21,13 @@ every concept erased so far) are distilled on their own prompts and on their own
     L_nb = || eps_theta(x_n, t; n) - eps_teacher(x_n, t; n) ||^2,   n in N(c)
     L    = L_f + lambda_a L_a + lambda_kd L_kd + lambda_nb L_nb
 
+Beyond the paper (the run's `check:`, on by default): a stage ends when its concepts are gone. After
+the published budget (and its best epoch), sculpt.presence counts how many check pictures still show
+each concept; while that share is above `check.max_share`, the stage goes on for another round of
+`check.round_epochs` epochs (`_extend`: same losses, teacher, mask and freeze mask, no more drop/grow,
+a fresh one-cycle schedule), at most `check.max_rounds` rounds; a concept still drawn then is named
+in the stage's summary, the ledger and the model card.
+
 The teacher is the model at the start of the stage (it has already forgotten earlier concepts).
 After each epoch the weights with the lowest mean L_f are kept; the next stage starts from them.
 Images are drawn without replacement: an epoch walks the data in a shuffled order.
@@ -32,12 +39,24 @@ e the current epoch, while e < 0.8 E (published: updates at steps 100..400, tau 
 
 `reference=True` reproduces the authors' published script where it differs from the paper:
 no distillation (its KD loss is overwritten before backward), no freeze mask (never written),
-importance as |sum of signed grads|, and its step count: the warm-up is the first W of the E*S
-steps (epoch 0 with W = S, which competes in best-epoch selection with its denoising loss), so a
-stage takes E*S - W optimiser steps, the one-cycle schedule is sized for E*S and never finishes,
-and K counts from the start of the warm-up. (Their importance aliasing bug is not reproduced: it
-lets masked-out weights move, which no comparison needs. Their images are re-encoded and their
-latents sampled at every step; here latents are the cached posterior means.)
+importance as |sum of signed grads|, Adam's moments kept on dropped entries (the script never
+resets optimiser state inside a stage, so a dropped entry drifts on its momentum), and its step
+count: the warm-up is the first W of the E*S steps (epoch 0 with W = S, which competes in
+best-epoch selection with its denoising loss), so a stage takes E*S - W optimiser steps, the
+one-cycle schedule is sized for E*S and never finishes, and K counts from the start of the warm-up.
+What it still does differently from the script, each with its measured effect where it can matter
+(benchmarks/reference_vs_script.py, docs/method-notes.md "The reference mode against the script"):
+- update counts: round(tau * active) here, the script's max(1, floor(tau * active)); its first mask
+  keeps every entry tied with the k-th score. Not measured: at most one entry per matrix, of about
+  2,000 active in each emoji matrix.
+- when W % K == 0 the script swaps entries a second time at step W, right after building the mask,
+  from all-zero (tied) importance; here step W is a warm-up tick. Neither the published (W 50, K 100)
+  nor the emoji settings (W 20, K 40) hit this case.
+- its importance-aliasing bug (under accelerate < 0.28 it trains the first stage densely) is not
+  reproduced: it lets masked-out weights move, which no comparison needs.
+- data: latents are the cached posterior means (the script re-encodes its PNGs and samples the
+  posterior every step); an epoch is S steps (the script's is one pass of its smaller loader). The
+  training data itself is the spec's, not part of the method: prompts, synonyms and anchor pictures.
 """
 
 from __future__ import annotations
@@ -62,6 +81,8 @@ from sculpt.stage import StageContext, mse
 # test targets; untested on SD (where no taxonomy gives siblings).
 NB_WEIGHT = 4.0
 NB_COUNT = 4
+# fp16 overflow steps tried again in a row before giving up (each halves the loss scale: 2^-30 of it).
+MAX_SKIPPED_STEPS = 30
 
 
 class SculptingConfig(MethodConfig):
@@ -71,7 +92,8 @@ class SculptingConfig(MethodConfig):
     batch_size: int = Field(2, ge=1, description="per batch kind (concept, superclass, earlier concepts)")
     epochs: int = Field(10, ge=1)
     steps_per_epoch: int = Field(50, ge=1)
-    warmup_steps: int = Field(50, ge=0, description="importance accumulation before the first mask")
+    warmup_steps: int = Field(
+        50, ge=0, description="importance accumulation before the first mask (at least 1 unless mask_ratio is 1)")
     mask_ratio: float = Field(0.5, gt=0, le=1, description="p: density of each matrix's mask")
     mask_update_every: int = Field(100, ge=1, description="K: steps between drop/grow updates")
     drop_ratio: float = Field(0.2, ge=0, le=1, description="tau_0: initial turnover")
@@ -91,6 +113,16 @@ class SculptingConfig(MethodConfig):
     select_best_epoch: bool = True
     reference: bool = Field(
         False, description="reproduce the authors' script (KD off, no freeze, warm-up inside the E*S steps)")
+
+    @model_validator(mode="after")
+    def _warmup_gives_importance(self) -> "SculptingConfig":
+        # The first mask is the top p of each matrix by the warm-up's importance; with no warm-up every
+        # score is 0 and topk would pick a positional block of entries (rows 4..7 of each matrix, say).
+        if self.warmup_steps == 0 and self.mask_ratio < 1:
+            raise ValueError("warmup_steps is 0: the first mask (the top mask_ratio of each matrix by warm-up "
+                             "importance) would be chosen from all-zero scores; use warmup_steps >= 1, or "
+                             "mask_ratio 1 (no mask)")
+        return self
 
     @model_validator(mode="after")
     def _steps_left_after_warmup(self) -> "SculptingConfig":
@@ -167,12 +199,14 @@ class Sculpting(ErasureMethod):
         }
         zero = torch.zeros((), device=pred.device)
         out["L_kd"], out["L_nb"] = zero, zero
-        if use_kd or use_nb:  # one teacher forward for both distillation terms
-            teacher_out = ctx.predict_with(teacher, x_in[B:], t.repeat(len(inputs) - 1), torch.cat(conds[1:]))
+        if use_kd or use_nb:  # one teacher forward for the rows a distillation term reads, no other
+            first = B if use_kd else 2 * B + n_kd  # superclass block onward, or the neighbours alone
+            teacher_out = ctx.predict_with(teacher, x_in[first:], t.repeat(len(inputs))[first:],
+                                           torch.cat(conds)[first:])
             if use_kd:
-                out["L_kd"] = mse(torch.cat([pred_s, pred_p]), teacher_out[: B + n_kd])
+                out["L_kd"] = mse(torch.cat([pred_s, pred_p]), teacher_out[B - first : 2 * B + n_kd - first])
             if use_nb:
-                out["L_nb"] = mse(pred_n, teacher_out[B + n_kd :])
+                out["L_nb"] = mse(pred_n, teacher_out[2 * B + n_kd - first :])
         out["loss"] = (out["L_f"] + cfg.lambda_align * out["L_a"] + cfg.lambda_kd * out["L_kd"]
                        + cfg.lambda_nb * out["L_nb"])
         return out
@@ -200,13 +234,16 @@ class Sculpting(ErasureMethod):
         last_read = max([i for i, tick in enumerate(ticks) if tick.tau is not None or tick.warmup], default=-1)
 
         best = {"L_f": float("inf"), "epoch": -1, "weights": None}
-        loop = {"tick": 0, "step": 0, "epoch_lf": 0.0, "turnover": 0.0, "density": 0.0}
+        loop = {"tick": 0, "step": 0, "epoch_lf": 0.0, "turnover": 0.0, "density": 0.0, "checks": []}
         if ctx.resume is not None:  # a mid-stage checkpoint of this stage: go on from its tick
             best, loop = self._restore(ctx, params, optimizer, lr_sched, mask, ctx.resume)
-        turnover, step, epoch_lf, density = loop["turnover"], loop["step"], loop["epoch_lf"], loop["density"]
-        for i, tick in enumerate(ticks):
-            if i < loop["tick"]:
-                continue
+        else:
+            ctx.start_presence_check()
+        step, epoch_lf, density = loop["step"], loop["epoch_lf"], loop["density"]
+        state = {"turnover": loop["turnover"], "skipped_in_a_row": 0}
+        i = loop["tick"]
+        while i < len(ticks):
+            tick = ticks[i]
             if tick.warmup:
                 # 1. Warm-up: accumulate gradient importance, no optimiser step.
                 loss = self.warmup_loss(ctx, model)
@@ -222,29 +259,14 @@ class Sculpting(ErasureMethod):
                     mask.initialise()
                     density = mask.current_density()  # changes only with the mask: not recounted per step
                 # 2. Masked optimisation with periodic drop/grow.
-                terms = self.losses(ctx, model, teacher)
-                values = ctx.loss_values(**{k: v for k, v in terms.items() if k != "loss"})  # one host sync
-                ctx.accelerator.backward(terms["loss"])
-                if i <= last_read and ctx.unscale_gradients(optimizer):
-                    mask.accumulate()  # on the full gradient: inactive entries need importance to grow
-                mask.mask_gradients()
-                optimizer.step()  # skipped by the loss scaler after an fp16 overflow
-                lr_sched.step()
-                optimizer.zero_grad(set_to_none=True)
+                values = self._step(ctx, model, optimizer, lr_sched, mask, teacher, weights, tick.tau,
+                                    accumulate=i <= last_read, state=state)
+                if values is None:  # an fp16 overflow: no step was taken, the tick is tried again
+                    continue
                 step += 1
-                if tick.tau is not None:
-                    turnover, dropped = mask.update(tick.tau)
-                    reset_optimizer_state(optimizer, weights, dropped)
-                    density = mask.current_density()
+                density = mask.current_density() if tick.tau is not None else density
                 epoch_lf += values["L_f"]
-                ctx.log({
-                    "step": step, "epoch": tick.epoch,
-                    **{k: round(v, 6) for k, v in values.items()},
-                    "loss": round(values["L_f"] + cfg.lambda_align * values["L_a"] + cfg.lambda_kd * values["L_kd"]
-                                  + cfg.lambda_nb * values["L_nb"], 6),
-                    "density": round(density, 4), "turnover": round(turnover, 4),
-                    "lr": lr_sched.get_last_lr()[0],
-                })
+                self._log(ctx, step, tick.epoch, values, density, state["turnover"], lr_sched)
             end_of_epoch = i + 1 == len(ticks) or ticks[i + 1].epoch != tick.epoch
             if end_of_epoch and tick.epoch >= 0:  # 3. best-epoch selection on the mean L_f
                 epoch_lf = ctx.mean_over_processes(epoch_lf / cfg.steps_per_epoch)  # the same epoch everywhere
@@ -253,13 +275,28 @@ class Sculpting(ErasureMethod):
                             "weights": {n: p.detach().clone() for n, p in params.items()}}
             if end_of_epoch:
                 epoch_lf = 0.0
+            i += 1
             if ctx.progress_due():
                 ctx.write_progress(*self._snapshot(ctx, params, optimizer, lr_sched, mask, best, {
-                    "tick": i + 1, "step": step, "epoch_lf": epoch_lf, "turnover": turnover, "density": density}))
+                    "tick": i, "step": step, "epoch_lf": epoch_lf, "turnover": state["turnover"],
+                    "density": density, "checks": loop["checks"]}))
 
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(best["weights"][n])
+        if not loop["checks"]:  # the published budget is spent: its best epoch is the result so far
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(best["weights"][n])
+        # 4. Beyond the paper: go on while the concept is still drawn (sculpt.presence), bounded.
+        checks = loop["checks"]
+        if ctx.presence_check is not None:
+            if not checks:
+                checks.append(ctx.presence_check())
+            while not ctx.concepts_gone(checks[-1]) and len(checks) <= ctx.check.max_rounds:
+                step = self._extend(ctx, model, optimizer, mask, teacher, weights, step, density, len(checks),
+                                    state)
+                checks.append(ctx.presence_check())
+                ctx.write_progress(*self._snapshot(ctx, params, optimizer, lr_sched, mask, best, {
+                    "tick": len(ticks), "step": step, "epoch_lf": 0.0, "turnover": state["turnover"],
+                    "density": density, "checks": checks}))
         ctx.finish_training()
         self.last_mask = mask  # kept for inspection (tests, reports)
         if not cfg.reference:
@@ -268,9 +305,69 @@ class Sculpting(ErasureMethod):
             sum(int(m.sum()) for m in self.frozen.values()) / sum(m.numel() for m in self.frozen.values())
             if self.frozen else 0.0
         )
-        return {"best_epoch": best["epoch"], "best_L_f": best["L_f"], "steps": step,
-                "mask_density": density, "frozen_share": frozen_share}
+        out = {"best_epoch": best["epoch"], "best_L_f": best["L_f"], "steps": step,
+               "mask_density": density, "frozen_share": frozen_share}
+        if checks:
+            out["check"] = ctx.check_summary(checks)
+        return out
 
+    def _step(self, ctx, model, optimizer, lr_sched, mask, teacher, weights, tau, accumulate, state):
+        """One masked optimiser step: the losses, the masked gradient, Adam, the schedule and, when
+        `tau` is set, the mask's drop/grow. None when fp16 loss scaling skipped the step: no step was
+        taken, so the schedule does not advance and the caller tries again (bounded)."""
+        cfg = self.config
+        terms = self.losses(ctx, model, teacher)
+        values = ctx.loss_values(**{k: v for k, v in terms.items() if k != "loss"})  # one host sync
+        ctx.accelerator.backward(terms["loss"])
+        if accumulate and ctx.unscale_gradients(optimizer):
+            mask.accumulate()  # on the full gradient: inactive entries need importance to grow
+        mask.mask_gradients()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if getattr(optimizer, "step_was_skipped", False):
+            state["skipped_in_a_row"] += 1
+            if state["skipped_in_a_row"] > MAX_SKIPPED_STEPS:
+                raise RuntimeError(f"{MAX_SKIPPED_STEPS} optimiser steps in a row overflowed under fp16 loss "
+                                   "scaling; train in bf16 or fp32 (train.mixed_precision)")
+            return None
+        state["skipped_in_a_row"] = 0
+        lr_sched.step()
+        if tau is not None:
+            state["turnover"], dropped = mask.update(tau)
+            if not cfg.reference:  # the authors' script keeps Adam's moments on dropped entries
+                reset_optimizer_state(optimizer, weights, dropped)
+        return values
+
+    def _extend(self, ctx, model, optimizer, mask, teacher, weights, step, density, round_no, state) -> int:
+        """One extra round after a check found the concept still drawn: `check.round_epochs` epochs of
+        S steps with the same losses, teacher, mask (no more drop/grow) and freeze mask, on a fresh
+        one-cycle schedule peaking at the stage's lr; the round's last weights are kept (no best-epoch
+        selection: the check, not L_f, decides). Returns the step count after it."""
+        cfg = self.config
+        n = ctx.check.round_epochs * cfg.steps_per_epoch
+        lr_sched = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=n,
+                                                       anneal_strategy="cos")
+        done = 0
+        while done < n:
+            values = self._step(ctx, model, optimizer, lr_sched, mask, teacher, weights, None, accumulate=False,
+                                state=state)
+            if values is None:
+                continue
+            done += 1
+            step += 1
+            self._log(ctx, step, cfg.epochs - 1 + round_no, values, density, state["turnover"], lr_sched)
+        return step
+
+    def _log(self, ctx, step, epoch, values, density, turnover, lr_sched) -> None:
+        cfg = self.config
+        ctx.log({
+            "step": step, "epoch": epoch,
+            **{k: round(v, 6) for k, v in values.items()},
+            "loss": round(values["L_f"] + cfg.lambda_align * values["L_a"] + cfg.lambda_kd * values["L_kd"]
+                          + cfg.lambda_nb * values["L_nb"], 6),
+            "density": round(density, 4), "turnover": round(turnover, 4),
+            "lr": lr_sched.get_last_lr()[0],
+        })
 
     # -- mid-stage checkpoints: everything the loop above carries from one step to the next -----------
 
@@ -304,7 +401,8 @@ class Sculpting(ErasureMethod):
         best = {"L_f": meta["best_L_f"], "epoch": meta["best_epoch"],
                 "weights": ({n: tensors[f"best/{n}"].to(p.device) for n, p in params.items()}
                             if meta["best_epoch"] >= 0 else None)}
-        return best, {k: meta[k] for k in ("tick", "step", "epoch_lf", "turnover", "density")}
+        return best, {**{k: meta[k] for k in ("tick", "step", "epoch_lf", "turnover", "density")},
+                      "checks": meta.get("checks", [])}
 
 
 @dataclass(frozen=True)
