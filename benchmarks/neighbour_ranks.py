@@ -7,7 +7,9 @@ neighbours it ranks first get hurt?": the ten-target erasure without the neighbo
 weapons family), not chosen here. For each erased concept, every other class of the emoji world is
 ranked by each rule of sculpt.data.neighbours.SIMILARITIES; a hurt class's rank is its place in that
 list (1 = nearest). Prints one JSON line per rule: the ranks and their median over the target pairs
-(the development data the rule is chosen on) and, separately, over the weapons family.
+(the ten targets are a development list: the rule is chosen on these), the weapons family's ranks
+(the unsafe family is reported, not tuned on: shown, not used for the choice) and the median over all
+eight pairs.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def main() -> None:
             for h in hurt:
                 (family if concept == "weapon" else ranks)[f"{concept} -> {h}"] = (ranked.index(h) + 1, len(words))
         print(json.dumps({"similarity": how, "median_rank": statistics.median(r for r, _ in ranks.values()),
+                          "median_rank_all": statistics.median(r for r, _ in [*ranks.values(), *family.values()]),
                           "ranks": ranks, "family_ranks": family}), flush=True)
 
 

@@ -23,16 +23,8 @@ def test_a_known_class_gets_its_superclass_synonyms_and_its_nearest_prompts(emoj
     assert "tropical fish" not in words and not set(s.synonyms) & set(words)
     sims = [v for _, v in s.neighbours]
     assert sims == sorted(sims, reverse=True) and words[0] == "fish"  # its sibling class tops the list
-    # pooled: the mean of each prompt's unpadded token states, centred on the prompts compared
-    ranked = [c.name for c in tax.classes if c.name not in {"tropical fish", *s.synonyms}]
-    prompts = [f"a photo of a {w}" for w in ["tropical fish", *ranked]]
-    states = encode_prompts(pipe, prompts)
-    mask = pipe.tokenizer(prompts, padding="max_length", max_length=states.shape[1], return_tensors="pt").attention_mask
-    pooled = (states * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True)
-    pooled = pooled - pooled.mean(0)
-    fish = 1 + ranked.index("fish")
-    assert sims[0] == pytest.approx(torch.nn.functional.cosine_similarity(pooled[:1], pooled[fish:fish + 1]).item(),
-                                    abs=1e-4)
+    e = encode_prompts(pipe, ["a photo of a tropical fish", "a photo of a fish"]).flatten(1)
+    assert sims[0] == pytest.approx(torch.nn.functional.cosine_similarity(e[:1], e[1:]).item(), abs=1e-6)
     assert "superclass: fish" in s.spec_yaml()
 
 
@@ -147,16 +139,19 @@ def test_run_neighbours_keeps_the_nearest_and_optionally_the_siblings_never_what
                        4, vocab, "a photo of a {}")
 
 
-def test_neighbours_are_ranked_by_meaning_not_by_prompt_length(emoji):
-    """Flattened padded states made prompts of the same token count look alike (church -> house, dog,
-    pizza, fish); the pooled states of the real tokens put the other buildings first."""
-    from sculpt.data.neighbours import similarities
+def test_the_pooled_rule_ranks_by_meaning_not_by_prompt_length(emoji):
+    """Flattened padded states (the default: what cross-attention reads) make prompts of the same token
+    count look alike (church -> house, dog, pizza, fish); the pooled states of the real tokens put the
+    other buildings first, and do not depend on how many padding positions the encoder has."""
+    from sculpt.data.neighbours import prompt_vectors, similarities
 
     pipe, tax = emoji
     words = [c.name for c in tax.classes if c.name != "church"]
     buildings = {c.name for c in tax.members_of("building")} - {"church"}
-    assert {w for w, _ in similarities(pipe, "church", words)[:4]} == buildings
-    assert {w for w, _ in similarities(pipe, "church", words, how="tokens")[:4]} != buildings
+    assert {w for w, _ in similarities(pipe, "church", words, how="pooled")[:4]} == buildings
+    assert {w for w, _ in similarities(pipe, "church", words)[:4]} != buildings
+    v = prompt_vectors(pipe, ["a photo of a church", "a photo of a dog"], how="pooled")
+    assert v.shape == (2, pipe.text_encoder.config.hidden_size)
 
 
 def _wordnet_church(tmp_path):

@@ -140,6 +140,9 @@ class DataConfig(_Strict):
     prompt_template: str = Field("a photo of a {}", description="Used for concepts without prompts.")
     batch_size: int = Field(8, ge=1, description="Images generated per pipeline call.")
     neighbour_images: int = Field(16, ge=1, description="Images per neighbour kept (neighbour-aware methods).")
+    neighbour_similarity: Literal["tokens", "pooled", "predictions"] = Field(
+        "tokens", description="How neighbours are ranked (sculpt.data.neighbours): the token states as "
+        "cross-attention reads them, their pooled mean, or the UNet's guidance directions.")
     vocabulary: str | None = Field(
         None, description="File of candidate neighbours, one per line; default: the emoji world's classes, "
         "else the list shipped with sculpt (sculpt/data/vocabulary.txt).")

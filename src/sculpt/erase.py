@@ -294,7 +294,8 @@ def neighbour_rule(cfg: RunConfig, k: int, siblings: bool) -> dict[str, Any]:
     each erased concept in the patch, so a run stacked on it recomputes that concept's list by its own
     run's rule (and erases both lists' concepts from it), as one run over both lists would."""
     return {"k": k, "siblings": siblings, "vocabulary": default_vocabulary(cfg.model, cfg.data.vocabulary),
-            "template": cfg.data.prompt_template, "held_out": list(cfg.unprotected)}
+            "template": cfg.data.prompt_template, "held_out": list(cfg.unprotected),
+            "similarity": cfg.data.neighbour_similarity}
 
 
 def _neighbours(pipe, cfg: RunConfig, stack: Stack, every: list, k: int, siblings: bool) -> dict[str, list]:
@@ -319,7 +320,8 @@ def _neighbours(pipe, cfg: RunConfig, stack: Stack, every: list, k: int, sibling
                 continue
             out.update(run_neighbours(pipe, [c], every, rule["k"], rule["vocabulary"], rule["template"],
                                       default_siblings(cfg.model) if rule["siblings"] else None,
-                                      held_out=rule["held_out"], wordnet=wordnet))
+                                      held_out=rule["held_out"], wordnet=wordnet,
+                                      how=rule.get("similarity", "tokens")))
     finally:
         if wordnet is not None:
             wordnet.close()

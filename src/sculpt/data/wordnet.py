@@ -79,12 +79,15 @@ class WordNet:
         lemmas, pointers = self._read(offset)
         return lemmas, [t for sym, t in pointers if sym in ("@", "@i")]
 
-    def same_or_below(self, word: str, limit: int = 5000) -> set[str]:
-        """Every lemma that names the word or a kind of it: the lemmas of all its noun senses (its
-        synonyms) and of all their hyponyms ("~", and "~i" for instances), transitively, casefolded
-        ("church" -> church building, cathedral, chapel, ...). At most `limit` synsets are read."""
+    def same_or_below(self, word: str, senses: int = 2, limit: int = 5000) -> set[str]:
+        """Every lemma that names the word or a kind of it: the lemmas of its first `senses` noun senses
+        (its synonyms; WordNet lists the most frequent first) and of all their hyponyms ("~", and "~i"
+        for instances), transitively, casefolded ("church" -> church building, cathedral, chapel, ...).
+        Rare senses stay out: all of "house"'s would reach the zodiac's houses, and Pisces is "fish".
+        At most `limit` synsets are read."""
         out: set[str] = set()
-        level, seen = list(self.senses(word)), set(self.senses(word))
+        first = self.senses(word)[:senses]
+        level, seen = list(first), set(first)
         while level and len(seen) <= limit:
             nxt = []
             for offset in level:
