@@ -135,3 +135,40 @@ def test_the_diffusion_classifier_ranks_the_concept_prompt_first_on_its_own_pict
     assert check(pipe, [fish], "a photo of a {}")["tropical fish"] >= 0.5
     same = Concept(name="tropical fish", superclass="fish", prompts=["a photo of a fish"])
     assert float((check.gaps(pipe, check._state["tropical fish"][0], same, "a photo of a {}") > 0).float().mean()) == 0
+
+
+def test_a_neighbour_whose_pictures_the_model_reads_as_the_concept_is_not_kept(emoji_pipe):
+    """The look-alike rule: "fish" with its own pictures stays a neighbour of tropical fish; the same word
+    given tropical fish pictures (a neighbour that draws the concept) is dropped from every list."""
+    from types import SimpleNamespace
+
+    from sculpt.config import Concept
+    from sculpt.data.neighbours import drop_lookalikes
+    from sculpt.eval.sampling import EMOJI_SAMPLER, Job, generate
+    from sculpt.models.loading import model_hash
+    from sculpt.presence import encode_pictures
+
+    pipe = emoji_pipe
+    h = model_hash(pipe)
+
+    def latents(prompt):
+        return encode_pictures(pipe, generate(pipe, [Job(prompt, 500 + i) for i in range(8)], EMOJI_SAMPLER, h))
+
+    fish, tropical = latents("a photo of a fish"), latents("a photo of a tropical fish")
+    concept = Concept(name="tropical fish", superclass="fish")
+    other = Concept(name="poodle", superclass="dog")
+
+    def lists():
+        return {"tropical fish": [("fish", None), ("cat", None)], "poodle": [("fish", None)]}
+
+    honest = lists()
+    assert drop_lookalikes(pipe, honest, [concept], {"fish": SimpleNamespace(latents=fish),
+                                                      "cat": SimpleNamespace(latents=latents("a photo of a cat"))},
+                           "a photo of a {}") == {}
+    assert honest == lists()
+    posing = lists()
+    dropped = drop_lookalikes(pipe, posing, [concept, other], {"fish": SimpleNamespace(latents=tropical),
+                                                                "cat": SimpleNamespace(latents=latents("a photo of a cat"))},
+                              "a photo of a {}")
+    assert [w for w, _ in dropped["tropical fish"]] == ["fish"]
+    assert posing == {"tropical fish": [("cat", None)], "poodle": []}  # gone from every list

@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from sculpt import ledger
 from sculpt.config import Concept, DataConfig, RunConfig
 from sculpt.data.anchors import default_judge
-from sculpt.data.neighbours import default_siblings, default_vocabulary, run_neighbours
+from sculpt.data.neighbours import default_siblings, default_vocabulary, drop_lookalikes, run_neighbours
 from sculpt.presence import default_check
 from sculpt.data.prepare import (ConceptData, check_image_size, encode_unconditional, image_size, prepare_concept_data,
                                  prepare_neighbours)
@@ -357,6 +357,11 @@ def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, mid_stage, pr
     neighbour_data = prepare_neighbours(pipe, [w for ws in neighbours.values() for w, _ in ws], cfg.data,
                                         cfg.seed, cache, origin_hash, progress and accelerator.is_main_process,
                                         processes)
+    lookalikes = drop_lookalikes(pipe, neighbours, every, neighbour_data, cfg.data.prompt_template,
+                                 {c.name for c in every if c.neighbours is not None})
+    for name, words in lookalikes.items():
+        log.info("%s: not kept, the model reads their pictures as it: %s", name,
+                 ", ".join(f"{w} ({v:.0%})" for w, v in words))
     for c in every:
         log.info("%s: anchor %s", c.name, data[c.name].anchor.get("how", "?"))
         if neighbours:
@@ -489,6 +494,8 @@ def _erase(cfg: RunConfig, out: Path, pipe, accelerator, existing, mid_stage, pr
                 superclasses={c.name: c.superclass for c in stages[i]}, method=method.name,
                 base_hash=base_hash, result_hash=result_hash, data_keys={n: data[n].key for n in names},
                 anchors={n: data[n].anchor for n in names},
+                **({"neighbours_dropped_as_lookalikes": {n: lookalikes[n] for n in names if n in lookalikes}}
+                   if any(n in lookalikes for n in names) else {}),
                 **({"neighbours": {n: [[w, None if v is None else round(v, 4)] for w, v in neighbours[n]] for n in names},
                     "neighbour_data_keys": {w: neighbour_data[w].key
                                             for w in _stage_neighbours(neighbours, carried + done + names)}}

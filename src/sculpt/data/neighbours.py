@@ -24,8 +24,11 @@ whatever they mean.) What meaning decides is what can never be a neighbour.
 Whatever the ranking, a neighbour is never a word that *is* the concept: its name, synonyms
 and members, WordNet's lemma synonyms and hyponyms of it (`not_neighbours`), a word the
 run erases, the superclass (kept by the method already), or a class the run holds out
-(`RunConfig.unprotected`). `sculpt suggest` shows the ranking; neighbour-aware methods preserve the
-top k (the spec's `neighbours` list overrides it).
+(`RunConfig.unprotected`). And a neighbour whose own pictures the model itself reads as the concept
+(`looks_like`: on most of them its denoising error is lower under the concept's prompt than under the
+neighbour's own) is dropped once its pictures are drawn: distilling it would keep a way to draw the
+concept. `sculpt suggest` shows the ranking; neighbour-aware methods preserve the top k (the spec's
+`neighbours` list overrides it).
 """
 
 from __future__ import annotations
@@ -178,3 +181,37 @@ def run_neighbours(pipe, concepts: list[Concept], erased: list[Concept], k: int,
             sib = [w for w in (siblings or {}).get(c.superclass.casefold(), []) if w.casefold() not in skip]
             out[c.name] = [(w, None) for w in sib] + near
     return out
+
+
+LOOKALIKE_TIMESTEPS = (100, 300, 500, 700, 900)
+
+
+def looks_like(pipe, concept: Concept, latents: torch.Tensor, own_prompt: str, template: str) -> float:
+    """The share of a neighbour's pictures (latents) that the model explains better as the concept than
+    as themselves: err(concept prompt) < err(own prompt), the diffusion-classifier test of
+    sculpt.presence on the same noise and timesteps. Above one half, the neighbour looks like the concept."""
+    from sculpt.data.prepare import encode_prompts
+    from sculpt.presence import errors
+
+    err = errors(pipe, latents, encode_prompts(pipe, [fill_template(template, concept.name), own_prompt]),
+                 LOOKALIKE_TIMESTEPS)
+    return float((err[0] < err[1]).float().mean())
+
+
+def drop_lookalikes(pipe, neighbours: dict[str, list], concepts: list[Concept], data: dict, template: str,
+                    spec_lists: set[str] = frozenset()) -> dict[str, list[tuple[str, float]]]:
+    """Remove the neighbours that look like an erased concept (`looks_like` > 1/2) from every concept's
+    list, in place: a stage distils the lists of all concepts erased so far, so a look-alike of one
+    concept kept for another would keep it drawable all the same. A list the spec wrote by hand
+    (`spec_lists`) is the operator's and is kept. Returns what was dropped, per concept it looks like."""
+    dropped: dict[str, list[tuple[str, float]]] = {}
+    for c in concepts:
+        for w, _ in neighbours.get(c.name, []):
+            share = looks_like(pipe, c, data[w].latents, fill_template(template, w), template)
+            if share > 0.5:
+                dropped.setdefault(c.name, []).append((w, round(share, 3)))
+    gone = {w for words in dropped.values() for w, _ in words}
+    for name in neighbours:
+        if name not in spec_lists:
+            neighbours[name] = [(w, sim) for w, sim in neighbours[name] if w not in gone]
+    return dropped
