@@ -44,6 +44,13 @@ SCHEDULER_CONFIG = dict(
 )
 
 
+def oracle_dir(list_name: str) -> Path:
+    """The retrained reference for a concept list of sculpt.emoji.lists: the UNet trained with the
+    shipped recipe without those classes' pictures (scripts/emoji_oracle.sh); load it with
+    `load_emoji_pipeline(oracle_dir(name))`."""
+    return WEIGHTS_DIR / f"oracle-{list_name}" / "pipeline"
+
+
 def emoji_weights_path() -> Path:
     """Folder of the committed emoji pipeline (what `load_emoji_pipeline()` reads by default)."""
     return PIPELINE_DIR
