@@ -46,3 +46,23 @@ def test_erasing_one_target_lowers_it_and_keeps_a_distant_class(tmp_path):
     shares = [s[TARGET] for s in check["shares"]]
     assert check["judge"] == "emoji scorer (zero-shot)" and check["extra_rounds"] == len(shares) - 1
     assert all(s > check["max_share"] for s in shares[:-1]) and check["gone"] == (shares[-1] <= check["max_share"])
+
+
+def test_a_stage_too_short_to_forget_goes_on_until_the_check_passes_or_says_it_could_not(tmp_path):
+    """On the committed model with a budget far below the demo's (6 steps), the emoji world's check
+    still finds tropical fish drawn: the stage trains extra rounds of 6 steps while it does, and its
+    summary counts them; the share the check reports falls from the first check to the last."""
+    from sculpt.emoji.demo import demo_spec
+    from sculpt.emoji.pipeline import load_emoji_pipeline
+    from sculpt.erase import erase
+
+    cfg = demo_spec([TARGET], tmp_path / "run", method={"epochs": 1, "steps_per_epoch": 6, "warmup_steps": 4})
+    cfg.data.cache_dir = str(tmp_path / "cache")
+    cfg.data.n_images = 16
+    cfg.check = cfg.check.model_copy(update={"pictures": 16, "max_rounds": 3})
+    stage = erase(cfg, pipe=load_emoji_pipeline(), progress=False).stages[0]
+    shares = [s[TARGET] for s in stage["check"]["shares"]]
+    assert shares[0] > cfg.check.max_share, f"6 steps already erased it ({shares}): the test needs a shorter budget"
+    assert stage["check"]["extra_rounds"] == len(shares) - 1 >= 1 and stage["steps"] == 6 * len(shares)
+    assert all(s > cfg.check.max_share for s in shares[:-1])
+    assert shares[-1] < shares[0]
