@@ -16,6 +16,8 @@ is off: the script has none):
     no-article    the script's prompt form, "a photo of X" (synonyms too; evaluation asks "a photo of a X")
     unfiltered    the paper's anchors: the concept as negative prompt, every picture kept (demo prompts)
     script        all three: the script's data as far as this pipeline can draw it
+    script-plain  the data of issue 26's run of the script: "a photo of X" alone, and superclass
+                  pictures drawn without a negative prompt, every one kept
 
 The authors' own script, run unmodified on the same pipeline and data sizes (issue 26's table, 16
 pictures per prompt): Total Acc 0.00, kept 0.977 -> 0.976, coherence fish 1.00, dog 0.94, building 1.00.
@@ -29,7 +31,7 @@ import time
 from pathlib import Path
 
 TARGETS = ["tropical fish", "poodle", "church"]
-VARIANTS = ("demo", "no-synonyms", "no-article", "unfiltered", "script")
+VARIANTS = ("demo", "no-synonyms", "no-article", "unfiltered", "script", "script-plain")
 
 
 def spec(variant: str, out: Path):
@@ -46,13 +48,15 @@ def spec(variant: str, out: Path):
         prompts = [class_prompt(w) for w in words]  # the demo's
         if variant == "no-synonyms":
             prompts = prompts[:1]
-        if variant in ("no-article", "script"):
+        if variant in ("no-article", "script", "script-plain"):
             prompts = [f"a photo of {w}" for w in words]
-        if variant == "script":
+        if variant in ("script", "script-plain"):
             prompts = prompts[:1]
         c = {"name": t, "superclass": tax[t].superclass, "prompts": prompts}
         if variant in ("unfiltered", "script"):
             c["negative_prompt"] = t
+        if variant == "script-plain":
+            c["negative_prompt"] = ""  # superclass pictures drawn without a negative prompt, all kept
         concepts.append(c)
     return cfg.model_copy(update={"concepts": [type(cfg.concepts[0])(**c) for c in concepts]})
 

@@ -27,9 +27,10 @@ seeds 0..N-1), and it never asks the evaluation's classifier. Two checks:
   so gap -> 0 and the share falls. (A stage resumed from a mid-stage checkpoint draws these pictures
   with the model as resumed, not as the stage got it; the emoji world's check has no such state.)
 
-The emoji world's scorer agrees with its classifier on 97% of the base model's pictures of its 62
-class prompts and names the prompted class for 99% of them (16 pictures each, check seeds; the
-classifier: 97%), so it can stand in for the evaluation without being it.
+The emoji world's scorer agrees with its classifier on 96% of the base model's pictures of its 62
+class prompts and names the prompted class for 98% of them (the classifier: 96%; 16 pictures each on
+the check's seeds, `python benchmarks/check_judge.py`), so it can stand in for the evaluation without
+being it.
 """
 
 from __future__ import annotations
