@@ -80,11 +80,17 @@ def test_the_sampling_loop_gives_the_sdxl_pipelines_pictures():
         assert torch.equal(ours, theirs), guidance  # bit for bit
 
 
-def test_sdxl_erases_toward_the_superclass_keeps_an_unrelated_prompt_and_patches_apply(tmp_path):
+def test_sdxl_erases_toward_the_superclass_keeps_an_unrelated_prompt_and_patches_apply(tmp_path, monkeypatch):
     """The paper's method on a tiny SDXL loaded from a diffusers folder: "a photo of a cat" is pulled
     toward "a photo of an animal" on the concept's pictures, "a photo of a tree" barely moves; the patch
     applies to the folder's model (`sculpt apply`) and `sculpt generate` draws from it."""
     from safetensors.torch import load_file
+
+    import sculpt.erase
+
+    # A random tiny UNet's look-alike verdicts are arbitrary (it may drop "tree" from the neighbours it
+    # keeps): not what this test is about.
+    monkeypatch.setattr(sculpt.erase, "drop_lookalikes", lambda *args: {})
 
     from sculpt.cli import main
     from sculpt.models.loading import load_pipeline
