@@ -22,7 +22,7 @@ DEMO_TARGETS = ("tropical fish", "poodle", "church")
 # The loss weights were chosen on the development list (trumpet, rabbit, bus, strawberry, house;
 # benchmarks/protocol.yaml), never on the ten targets, by the protocol's rule stated before the runs:
 # the highest kept accuracy among settings that leave the development concepts at Total Acc <= 0.10.
-# `python benchmarks/emoji_lists.py dev NAME '{"lambda_kd": X, "lambda_nb": Y}'`, 16 pictures per
+# `python benchmarks/emoji_lists.py protocol1 NAME '{"lambda_kd": X, "lambda_nb": Y}' --n 16`, 16 pictures per
 # prompt, 2026-11-29 (docs/results.md): lambda_kd in {0.25, 1, 2} x lambda_nb in {0, 1, 4}, then the
 # best of those (0.25, 4) with the concepts' siblings kept too. Chosen: lambda_kd 0.25 (the published
 # value), lambda_nb 4, the 4 nearest classes and the siblings: Total Acc 0.038, kept 0.966 (drop 1.1
