@@ -30,6 +30,7 @@ def main() -> None:
     from sculpt.eval.sampling import EMOJI_SAMPLER, Job, generate
     from sculpt.models.loading import model_hash
     from sculpt.emoji.dataset import class_prompt
+    from sculpt.eval.evaluate import default_image_cache
 
     left_out = load_lists().get(args.list)
     names = load_taxonomy().names
@@ -38,11 +39,11 @@ def main() -> None:
     for label, pipe in (("original", load_emoji_pipeline()), ("oracle", load_emoji_pipeline(oracle_dir(args.list)))):
         h = model_hash(pipe)
         jobs = [Job(class_prompt(n), i) for n in names for i in range(args.n)]
-        pred = clf.predict(generate(pipe, jobs, EMOJI_SAMPLER, h)).tolist()
+        pred = clf.predict(generate(pipe, jobs, EMOJI_SAMPLER, h, cache=default_image_cache())).tolist()
         acc[label] = {n: sum(clf.labels[pred[k * args.n + i]] == n for i in range(args.n)) / args.n
                       for k, n in enumerate(names)}
     kept = [n for n in names if n not in left_out]
-    mean = lambda xs: round(sum(xs) / len(xs), 4)  # noqa: E731
+    mean = lambda xs: round(sum(xs := list(xs)) / len(xs), 4)  # noqa: E731
     row = {"list": args.list, "n": args.n,
            "left_out": {n: [acc["original"][n], acc["oracle"][n]] for n in left_out},
            "left_out_mean": [mean(acc["original"][n] for n in left_out), mean(acc["oracle"][n] for n in left_out)],
