@@ -120,7 +120,8 @@ def test_the_diffusion_classifier_ranks_the_concept_prompt_first_on_its_own_pict
     from sculpt.data.prepare import encode_prompts
     from sculpt.eval.sampling import EMOJI_SAMPLER, Job, generate
     from sculpt.models.loading import model_hash
-    from sculpt.presence import CHECK_SEED, DiffusionClassifier, encode_pictures, errors
+    from sculpt.data.prepare import encode_pictures
+    from sculpt.presence import CHECK_SEED, DiffusionClassifier, errors
 
     pipe = emoji_pipe
     images = generate(pipe, [Job("a photo of a tropical fish", CHECK_SEED + i) for i in range(8)], EMOJI_SAMPLER,
@@ -146,7 +147,7 @@ def test_a_neighbour_whose_pictures_the_model_reads_as_the_concept_is_not_kept(e
     from sculpt.data.neighbours import drop_lookalikes
     from sculpt.eval.sampling import EMOJI_SAMPLER, Job, generate
     from sculpt.models.loading import model_hash
-    from sculpt.presence import encode_pictures
+    from sculpt.data.prepare import encode_pictures
 
     pipe = emoji_pipe
     h = model_hash(pipe)

@@ -311,6 +311,7 @@ def _neighbours(pipe, cfg: RunConfig, stack: Stack, every: list, k: int, sibling
         log.warning("the patches do not record the neighbour rule of %s: this run's is used", ", ".join(old))
     root = find_wordnet()
     wordnet = WordNet(root) if root is not None else None
+    taxonomy_siblings = default_siblings(cfg.model)
     out = {}
     try:
         for c in every:
@@ -319,7 +320,7 @@ def _neighbours(pipe, cfg: RunConfig, stack: Stack, every: list, k: int, sibling
                 out[c.name] = []
                 continue
             out.update(run_neighbours(pipe, [c], every, rule["k"], rule["vocabulary"], rule["template"],
-                                      default_siblings(cfg.model) if rule["siblings"] else None,
+                                      taxonomy_siblings if rule["siblings"] else None,
                                       held_out=rule["held_out"], wordnet=wordnet,
                                       how=rule.get("similarity", "tokens")))
     finally:

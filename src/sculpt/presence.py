@@ -115,6 +115,7 @@ class DiffusionClassifier:
 
     @torch.no_grad()
     def start(self, pipe, concepts, template) -> None:
+        from sculpt.data.prepare import encode_pictures
         from sculpt.eval.sampling import Job, generate
         from sculpt.models.loading import model_hash
 
@@ -142,16 +143,6 @@ class DiffusionClassifier:
             latents, margin = self._state[c.name]
             out[c.name] = float((self.gaps(pipe, latents, c, template) > margin).float().mean())
         return out
-
-
-@torch.no_grad()
-def encode_pictures(pipe, images) -> torch.Tensor:
-    """[n, C, h, w] scaled VAE latents (posterior means) of PIL pictures."""
-    import numpy as np
-
-    x = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
-                     for im in images]).to(pipe.vae.device, pipe.vae.dtype)
-    return pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
 
 
 @torch.no_grad()

@@ -27,13 +27,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from sculpt.data.prepare import stable_seed
+from sculpt.data.prepare import encode_pictures, stable_seed  # noqa: F401 (encode_pictures: the attacks import it from here)
 from sculpt.eval.sampling import ImageCache, SamplerSettings
 
 _REGISTRY: dict[str, type["Attack"]] = {}
@@ -192,16 +191,6 @@ def frozen(*modules: torch.nn.Module):
             m.train(mode)
             for p, f in zip(m.parameters(), fl):
                 p.requires_grad_(f)
-
-
-@torch.no_grad()
-def encode_pictures(pipe, images: list[Image.Image]) -> torch.Tensor:
-    """Scaled VAE latents [N, C, h, w] of pictures: the mean of q(z|x), as the training data is encoded."""
-    vae = pipe.vae
-    x = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32)) for im in images])
-    x = x.permute(0, 3, 1, 2) / 127.5 - 1  # [0, 255] -> [-1, 1], as the VAE was trained
-    z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean
-    return (z * vae.config.scaling_factor).float()
 
 
 @dataclass

@@ -87,6 +87,18 @@ def encode_token_states(pipe, prompts: list[str]) -> torch.Tensor:
     return conditioning(pipe).tokens(encode_prompts(pipe, prompts))
 
 
+@torch.no_grad()
+def encode_pictures(pipe, images) -> torch.Tensor:
+    """Scaled VAE latents [N, C, h, w] of pictures: the mean of q(z|x), as the training data is encoded."""
+    vae = pipe.vae
+    import numpy as np
+
+    x = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32)) for im in images])
+    x = x.permute(0, 3, 1, 2) / 127.5 - 1  # [0, 255] -> [-1, 1], as the VAE was trained
+    z = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean
+    return (z * vae.config.scaling_factor).float()
+
+
 def image_size(pipe, cfg: DataConfig) -> int:
     return cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
 
